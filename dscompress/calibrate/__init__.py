@@ -1,0 +1,1 @@
+"""dscompress.calibrate."""

@@ -1,0 +1,82 @@
+"""Pure tensor maths for group-wise integer weight quantization.
+
+Convention (the GPTQ one, so checkpoints convert without re-rounding):
+    codes q are unsigned in [0, 2**bits - 1];  w ~= (q - zero) * scale
+    symmetric:  scale = 2 * max|w| / (2**bits - 1), zero = 2**(bits - 1)
+    asymmetric: the range [min(w, 0), max(w, 0)] maps onto [0, 2**bits - 1], zero is an integer code.
+Weights are 2-D (out, in) or 3-D stacked experts (E, out, in); groups always run along `in` (the last dim).
+`group_size == -1` means one group per row (per output channel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def max_code(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else in_features // group_size
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(..., in) -> (..., G, group) in float32; `in` must be a multiple of group_size."""
+    gs = w.shape[-1] if group_size == -1 else group_size
+    assert w.shape[-1] % gs == 0, f"in_features {w.shape[-1]} is not a multiple of group size {gs}"
+    return w.float().reshape(*w.shape[:-1], w.shape[-1] // gs, gs)
+
+
+def minmax_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scales and zero points. Returns scale (..., G) float32 and zero (..., G) int32.
+
+    >>> s, z = minmax_qparams(torch.tensor([[-1.0, 0.5, 1.0, 0.0]]), bits=4, group_size=-1, symmetric=True)
+    >>> z.item(), round(s.item(), 4)
+    (8, 0.1333)
+    """
+    wg = _grouped(w, group_size)  # (..., G, gs)
+    maxq = max_code(bits)
+    if symmetric:
+        amax = wg.abs().amax(dim=-1)
+        scale = 2.0 * amax / maxq
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        wmin = wg.amin(dim=-1).clamp(max=0.0)
+        wmax = wg.amax(dim=-1).clamp(min=0.0)
+        scale = (wmax - wmin) / maxq
+        zero = torch.round(-wmin / torch.where(scale == 0, 1.0, scale)).clamp(0, maxq)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group: any scale is exact
+    return scale, zero.to(torch.int32)
+
+
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """Integer codes (..., in) as uint8, given per-group scale/zero (..., G)."""
+    wg = _grouped(w, group_size)
+    q = torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1).float()
+    return q.clamp(0, max_code(bits)).to(torch.uint8).reshape(w.shape)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Float32 weights (..., in) from codes and per-group scale/zero (..., G)."""
+    qg = _grouped(q, group_size)
+    w = (qg - zero.unsqueeze(-1).float()) * scale.unsqueeze(-1)
+    return w.reshape(q.shape)
+
+
+def fake_quantize(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RTN in one call: returns (dequantized float32 weight, scale, zero)."""
+    scale, zero = minmax_qparams(w, bits, group_size, symmetric)
+    q = quantize_codes(w, scale, zero, bits, group_size)
+    return dequantize_codes(q, scale, zero, group_size), scale, zero
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better)."""
+    ref = reference.double()
+    noise = (ref - approx.double()).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-300)))

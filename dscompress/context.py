@@ -1,0 +1,64 @@
+"""The one object that carries run-scoped resources into passes. No globals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dscompress.export.qstate import QuantState
+from dscompress.models.adapters import ArchAdapter
+
+T = TypeVar("T")
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def tracked(progress: Progress, items: Iterable[T], description: str) -> Iterator[T]:
+    """Iterate `items` under a progress bar that disappears when done."""
+    items = list(items)
+    task = progress.add_task(description, total=len(items))
+    try:
+        for item in items:
+            yield item
+            progress.advance(task)
+    finally:
+        progress.remove_task(task)
+
+
+@dataclass
+class StageContext:
+    """What a pass may use: the architecture adapter, device, seed, data and a place for extra files."""
+
+    adapter: ArchAdapter
+    device: torch.device
+    seed: int
+    console: Console
+    progress: Progress
+    work_dir: Path  # the stage's temporary directory; files a pass writes here land in the artifact
+    calibration: Callable[[], torch.Tensor]  # lazily built calibration windows, (N, T) int64
+    input_quant: QuantState | None = None  # quantization metadata of the input artifact, if any
+
+    def track(self, items: Iterable[T], description: str) -> Iterator[T]:
+        return tracked(self.progress, items, description)
+
+
+@dataclass
+class PassOutput:
+    model: torch.nn.Module
+    quant: QuantState | None = None  # None: the input's quantization metadata (if any) carries over
+    summary: dict = field(default_factory=dict)  # shown in the manifest and report

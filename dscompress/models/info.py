@@ -1,0 +1,44 @@
+"""What a model is, known without loading its weights: built on the meta device from its config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dscompress.models.adapters import ArchAdapter, WeightTarget, adapter_for
+from dscompress.models.sources import load_config
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class ModelInfo:
+    config: object
+    adapter: ArchAdapter
+    targets: list[WeightTarget]  # on meta tensors: shapes only
+    n_params: int
+    vocab_size: int
+    max_positions: int | None
+
+    def bytes(self, dtype: str) -> int:
+        return self.n_params * DTYPE_BYTES[dtype]
+
+
+def inspect_model(directory: Path, trust_remote_code: bool = False) -> ModelInfo:
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(directory, trust_remote_code)
+    adapter = adapter_for(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    n_params = sum(p.numel() for p in model.parameters())  # parameters() counts tied tensors once
+    return ModelInfo(
+        config=config,
+        adapter=adapter,
+        targets=list(adapter.weight_targets(model)),
+        n_params=n_params,
+        vocab_size=model.config.vocab_size,
+        max_positions=getattr(config, "max_position_embeddings", None),
+    )

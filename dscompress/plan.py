@@ -1,0 +1,83 @@
+"""Checks that need the model's shapes (not its weights), and the dry-run plan: stages, memory, disk."""
+
+from __future__ import annotations
+
+from dscompress.errors import RecipeError
+from dscompress.models.info import DTYPE_BYTES, ModelInfo
+from dscompress.recipe import Recipe
+from dscompress.registry import spec_for
+from dscompress.yamlpaths import LocatedYaml, format_loc
+
+
+def model_problems(recipe: Recipe, located: LocatedYaml | None, info: ModelInfo) -> list[str]:
+    """Every recipe problem that only the model's config reveals, as 'file:line: path: message' lines."""
+    problems: list[tuple[tuple, str]] = []
+    for split in ("eval", "calibration", "train"):
+        seq_len = getattr(recipe.data, split).seq_len
+        if info.max_positions and seq_len > info.max_positions:
+            problems.append((
+                ("data", split, "seq_len"),
+                f"{seq_len} is above the model's maximum of {info.max_positions} positions; "
+                f"use at most {info.max_positions}",
+            ))  # fmt: skip
+    for i, stage in enumerate(recipe.stages):
+        spec = spec_for(stage.pass_config)
+        for field, message in spec.check(stage.pass_config, info.targets):
+            problems.append((("stages", i, spec.key, field), message))
+    lines = []
+    for loc, message in problems:
+        where = located.where(loc) if located else "recipe"
+        lines.append(f"{where}: {format_loc(loc)}: {message}")
+    return lines
+
+
+def check_against_model(recipe: Recipe, located: LocatedYaml | None, info: ModelInfo) -> None:
+    problems = model_problems(recipe, located, info)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        err = RecipeError(problems[0] + more)
+        err.all_messages = problems
+        raise err
+
+
+def _quant_bytes(n_params: int, bits: int, group_size: int, in_features: int) -> float:
+    """Deployed bytes of n_params quantized weights: codes plus a fp16 scale and a zero per group."""
+    group = in_features if group_size == -1 else group_size
+    return n_params * bits / 8 + n_params / group * (2 + bits / 8)
+
+
+def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
+    """Predicted sizes before any compute. Memory is a peak estimate for the largest step, not a bound."""
+    dtype_bytes = DTYPE_BYTES[recipe.model.dtype]
+    model_bytes = info.n_params * dtype_bytes
+    ev, data = recipe.data.eval, recipe.data
+    logits_bytes = data.batch_size * (ev.seq_len - 1) * info.vocab_size * 4 * 4  # logits, log-softmax, baseline
+    ref_bytes = ev.samples * (ev.seq_len - 1) * (info.vocab_size * 2 + 4)  # float16 log-probs + int32 top-1
+    stages, deployed = [], model_bytes
+    for i, stage in enumerate(recipe.stages, start=1):
+        cfg = stage.pass_config
+        row = {"dir": f"{i}-{stage.label}", "pass": spec_for(cfg).key, "params": info.n_params}
+        if hasattr(cfg, "bits"):
+            from dscompress.compress.rtn import selected
+
+            chosen = selected(info.targets, cfg.exclude)
+            q_params = sum(t.param.numel() for t in chosen)
+            q_bytes = sum(_quant_bytes(t.param.numel(), cfg.bits, cfg.group_size, t.in_features) for t in chosen)
+            deployed = model_bytes - q_params * dtype_bytes + q_bytes
+            row |= {"quantized_params": q_params, "checkpoint_bytes": model_bytes + q_bytes * 8 / cfg.bits}
+        else:
+            row["checkpoint_bytes"] = model_bytes
+        row["deployed_bytes"] = int(deployed)
+        stages.append(row)
+    return {
+        "model": recipe.model.path,
+        "architecture": info.adapter.model_type,
+        "params": info.n_params,
+        "model_bytes": model_bytes,
+        "stages": stages,
+        "peak_memory_bytes": 2 * model_bytes + logits_bytes,
+        "disk_bytes": int(ref_bytes + sum(s["checkpoint_bytes"] for s in stages)),
+        "baseline_logprobs_bytes": ref_bytes,
+        "assumptions": "baseline files are hard links into the model cache (no extra disk on one filesystem); "
+        "peak memory = two model copies (load + save) + two batches of logits (stage and baseline)",
+    }

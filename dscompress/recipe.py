@@ -1,0 +1,190 @@
+"""The recipe schema (pydantic, extra keys forbidden) and its loader with file:line error messages.
+
+```yaml
+model: {path: bundled:smollm2-135m-instruct}
+data: {eval: {samples: 16, seq_len: 512}}
+stages:
+  - rtn: {bits: 4, group_size: 64}
+    gate: {perplexity: {max_increase_pct: 10}, kl: {max: 0.1}}
+```
+Every field is documented in docs/RECIPE.md; `dscompress schema` prints the JSON Schema.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dscompress.compress.rtn import RTNConfig
+from dscompress.errors import RecipeError
+from dscompress.yamlpaths import Loc, LocatedYaml, format_loc, load_located
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    path: str = Field(
+        description="checkpoint directory (safetensors), a .gguf file, 'bundled:smollm2-135m-instruct' or "
+        "'tiny:<llama|qwen2|qwen3|qwen3_moe|deepseek_v3>'"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of every stage")
+    trust_remote_code: bool = Field(False, description="allow a checkpoint's own modeling code (auto_map)")
+
+
+class SplitSpec(Strict):
+    samples: int = Field(ge=1, description="number of windows")
+    seq_len: int = Field(ge=8, description="tokens per window")
+
+
+class Fractions(Strict):
+    eval: float = Field(0.2, gt=0, lt=1)
+    calibration: float = Field(0.35, gt=0, lt=1)
+    train: float = Field(0.45, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        total = self.eval + self.calibration + self.train
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"eval + calibration + train must sum to 1, got {total:g}")
+        return self
+
+
+class DataSpec(Strict):
+    source: str = Field("builtin:pydoc", description="'builtin:pydoc' or a .txt / .jsonl file")
+    text_field: str = Field("text", description="the key holding the text in each .jsonl line")
+    fractions: Fractions = Field(default_factory=Fractions, description="share of blocks in each split")
+    eval: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=16, seq_len=512))
+    calibration: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=64, seq_len=512))
+    train: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=64, seq_len=512))
+    batch_size: int = Field(4, ge=1, description="windows per forward pass during evaluation")
+
+
+class PerplexityGate(Strict):
+    max_increase_pct: float = Field(ge=0, description="allowed perplexity increase, in percent")
+    relative_to: Literal["baseline", "previous"] = "baseline"
+
+
+class KLGate(Strict):
+    max: float = Field(gt=0, description="allowed mean KL(baseline || stage), nats per token")
+
+
+class Top1Gate(Strict):
+    min: float = Field(gt=0, le=1, description="required share of positions whose top-1 token agrees")
+
+
+class Gate(Strict):
+    perplexity: PerplexityGate | None = None
+    kl: KLGate | None = None
+    top1: Top1Gate | None = None
+    on_fail: Literal["stop", "skip"] = Field(
+        "stop", description="stop: exit with code 3; skip: drop this stage and continue from the previous"
+    )
+
+    @model_validator(mode="after")
+    def _has_a_check(self):
+        if not (self.perplexity or self.kl or self.top1):
+            raise ValueError("a gate needs at least one of perplexity, kl, top1")
+        return self
+
+
+PASS_KEYS = ("rtn",)  # must equal the registry's keys; tests/test_recipe.py checks it
+
+
+class Stage(Strict):
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]*$", description="defaults to the pass key")
+    rtn: RTNConfig | None = None
+    gate: Gate | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_pass(self):
+        given = [k for k in PASS_KEYS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a stage takes exactly one pass, got {given or 'none'}; allowed: {', '.join(PASS_KEYS)}")
+        return self
+
+    @property
+    def pass_key(self) -> str:
+        return next(k for k in PASS_KEYS if getattr(self, k) is not None)
+
+    @property
+    def pass_config(self) -> BaseModel:
+        return getattr(self, self.pass_key)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.pass_key
+
+
+class Recipe(Strict):
+    version: Literal[1] = 1
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    stages: list[Stage] = Field(min_length=1)
+    output_dir: str = Field("out", description="relative paths resolve against the working directory")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def _allowed_fields(loc: Loc) -> list[str]:
+    """The keys a mapping at `loc` accepts, by walking the schema."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = candidates[0] if candidates else None
+    return list(model.model_fields) if model else []
+
+
+def _describe(error: dict, located: LocatedYaml) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    where = located.where(loc)
+    path = format_loc(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(loc[:-1])
+        if loc[-2:-1] == ("gate",):
+            metrics = [a for a in allowed if a != "on_fail"]
+            return (
+                f"{where}: {path}: unknown gate metric {loc[-1]!r}; allowed metrics: {', '.join(metrics)} "
+                "(and on_fail). Fix: gate on one of those metrics"
+            )
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "remove it"
+        return f"{where}: {path}: unknown key; allowed: {', '.join(allowed)}. Fix: {hint}"
+    value = error.get("input")
+    shown = "missing" if kind == "missing" else repr(value)
+    if kind == "literal_error":
+        return f"{where}: {path}: {shown} is not allowed; allowed: {error['ctx']['expected']}. Fix: use one of those"
+    if kind == "missing":
+        return f"{where}: {path}: required key is missing. Fix: add it (see docs/RECIPE.md)"
+    msg = re.sub(r"^Value error, ", "", error["msg"])
+    return f"{where}: {path}: {shown}: {msg}. Fix: see docs/RECIPE.md for this field"
+
+
+def parse_recipe(located: LocatedYaml) -> Recipe:
+    try:
+        return Recipe.model_validate(located.data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _describe(errors[0], located)
+        more = f" (+{len(errors) - 1} more; run `dscompress validate` to list all)" if len(errors) > 1 else ""
+        err = RecipeError(first + more)
+        err.all_messages = [_describe(e, located) for e in errors]
+        raise err from None
+
+
+def load_recipe(path: Path) -> tuple[Recipe, LocatedYaml]:
+    located = load_located(path)
+    return parse_recipe(located), located

@@ -1,0 +1,30 @@
+"""The one explicit pass registry, keyed by config type. Adding a pass: its config, its module, one line here,
+and one optional field on `recipe.Stage` (a test checks the two agree)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from dscompress.compress import rtn
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    key: str  # the stage's YAML key
+    config: type[BaseModel]
+    apply: Callable  # (model, config, StageContext) -> PassOutput
+    check: Callable  # (config, list[WeightTarget]) -> list[(field, message)], before any compute
+    summary: str
+    needs: frozenset[str] = frozenset()  # data splits besides eval: "calibration", "train"
+
+
+REGISTRY: dict[type[BaseModel], PassSpec] = {
+    rtn.RTNConfig: PassSpec("rtn", rtn.RTNConfig, rtn.apply, rtn.check, "weight-only round-to-nearest"),
+}
+
+
+def spec_for(config: BaseModel) -> PassSpec:
+    return REGISTRY[type(config)]

@@ -1,0 +1,336 @@
+"""The pipeline: baseline, then each stage reads the last passing artifact, writes its own, and is gated.
+
+    out/
+      0-baseline/      the source checkpoint (hard links) + baseline_logprobs.safetensors + manifest.json
+      1-rtn/           stock-loadable checkpoint + quantization.{json,safetensors} + manifest.json
+      latest -> 1-rtn  the last passing artifact
+      report.json, report.md, junit.xml, .lock
+
+A stage directory appears only when complete (atomic rename). A stage whose key (pass config, data, metrics,
+seed, dtype and the input artifact's hash) matches its manifest is reused, so a killed run resumes where it
+stopped and ends with byte-identical artifacts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from dscompress import __version__
+from dscompress.atomic import (
+    atomic_dir,
+    atomic_write_json,
+    link_or_copy,
+    read_json,
+    remove_stale_temporaries,
+    sha256_json,
+    tree_hashes,
+)
+from dscompress.calibrate.data import Corpus
+from dscompress.calibrate.metrics import BASELINE_FILE, BaselineRef, compute_baseline, evaluate
+from dscompress.context import StageContext, make_progress, tracked
+from dscompress.errors import GateFailed, OutputPathError, RunLocked
+from dscompress.export.qstate import QUANT_JSON, QUANT_TENSORS, QuantState
+from dscompress.gates import check_gate
+from dscompress.models.adapters import adapter_for
+from dscompress.models.info import inspect_model
+from dscompress.models.sources import load_model, load_tokenizer, resolve
+from dscompress.plan import check_against_model
+from dscompress.recipe import Recipe, Stage
+from dscompress.registry import spec_for
+from dscompress.report import print_table, write_reports
+from dscompress.yamlpaths import LocatedYaml
+
+MANIFEST = "manifest.json"
+# Files a stage rewrites itself; everything else in its input (tokenizer, chat template) is linked through.
+OWN_FILES = ("config.json", "generation_config.json", MANIFEST, QUANT_JSON, QUANT_TENSORS, BASELINE_FILE)
+
+
+def versions() -> dict:
+    import safetensors
+    import transformers
+
+    return {
+        "dscompress": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from dscompress.errors import RecipeError
+
+        raise RecipeError("device: 'cuda' but no CUDA device is visible. Fix: use device: auto or cpu")
+    return torch.device(name)
+
+
+class RunLock:
+    """An flock on out/.lock: released by the kernel even when the holder is SIGKILLed."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+        self.fh = None
+
+    def __enter__(self):
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.close()
+            raise RunLocked(f"{self.path.parent}: another dscompress run is using this output directory") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"{os.getpid()}\n")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def prepare_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"output_dir: {out} is a file. Fix: choose a directory path (or --out)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"output_dir: {out}: cannot create it ({exc.strerror})") from exc
+
+
+def point_latest(out: Path, target: str) -> None:
+    tmp = out / f".tmp-latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, out / "latest")
+
+
+def artifact_hash(directory: Path) -> str:
+    return sha256_json(tree_hashes(directory, exclude=frozenset({MANIFEST})))
+
+
+@dataclass
+class StageRecord:
+    index: int
+    dir: str
+    pass_key: str
+    status: str = "pending"  # passed | failed | skipped (gate failed, on_fail: skip)
+    reused: bool = False
+    metrics: dict = field(default_factory=dict)
+    verdicts: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    size_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Runner:
+    def __init__(
+        self, recipe: Recipe, recipe_path: Path, out: Path | None = None, console: Console | None = None,
+        located: LocatedYaml | None = None,
+    ):  # fmt: skip
+        self.recipe = recipe
+        self.located = located
+        self.recipe_path = recipe_path
+        self.out = Path(out or recipe.output_dir)
+        self.console = console or Console(stderr=True)
+        self.device = pick_device(recipe.device)
+        self.records: list[StageRecord] = []
+
+    # ---- the run ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        source = self._prepare()  # every bad-input check, before anything is written
+        prepare_output(self.out)
+        with RunLock(self.out):
+            remove_stale_temporaries(self.out)
+            report = self._base_report()
+            try:
+                self._run_locked(source, report)
+                report["result"] = "passed"
+            except GateFailed as exc:
+                report["result"], report["message"] = "gate failed", str(exc)
+                raise
+            finally:
+                report["stages"] = [r.as_dict() for r in self.records]
+                write_reports(self.out, report)
+                print_table(self.console, report)
+        return report
+
+    def _prepare(self) -> Path:
+        """Resolve the model, check the recipe against its shapes, and cut the data windows stages need."""
+        model = self.recipe.model
+        source = resolve(model.path).directory
+        check_against_model(self.recipe, self.located, inspect_model(source, model.trust_remote_code))
+        self.corpus = Corpus(self.recipe.data, load_tokenizer(source))
+        needed = {"eval"}.union(*(spec_for(s.pass_config).needs for s in self.recipe.stages))
+        for split in sorted(needed):
+            self.corpus.windows(split)
+        return source
+
+    def _base_report(self) -> dict:
+        spec = self.recipe.data
+        return {
+            "recipe": str(self.recipe_path), "model": self.recipe.model.path, "device": str(self.device),
+            "seed": self.recipe.seed, "data_source": spec.source, "eval_windows": spec.eval.samples,
+            "eval_seq_len": spec.eval.seq_len, "result": "incomplete", "final_artifact": None,
+            "versions": versions(), "stages": [],
+        }  # fmt: skip
+
+    def _run_locked(self, source: Path, report: dict) -> None:
+        base_dir = self._baseline(source)
+        baseline = self.records[0].metrics
+        self.ref = BaselineRef(base_dir)
+        current, previous = base_dir, baseline
+        report["final_artifact"] = str(base_dir)
+        point_latest(self.out, base_dir.name)
+        for index, stage in enumerate(self.recipe.stages, start=1):
+            record = self._stage(index, stage, current)
+            record.verdicts = [v.as_dict() for v in check_gate(stage.gate, record.metrics, baseline, previous)] \
+                if stage.gate else []  # fmt: skip
+            if all(v["passed"] for v in record.verdicts):
+                record.status = "passed"
+                current, previous = self.out / record.dir, record.metrics
+                report["final_artifact"] = str(current)
+                point_latest(self.out, record.dir)
+                continue
+            failed = "; ".join(v["detail"] for v in record.verdicts if not v["passed"])
+            if stage.gate.on_fail == "skip":
+                record.status = "skipped"
+                self.console.print(f"[yellow]gate failed, stage skipped[/yellow] {record.dir}: {failed}")
+                continue
+            record.status = "failed"
+            raise GateFailed(
+                f"stage {record.dir} failed its gate: {failed}; kept {current.name} as {self.out / 'latest'}"
+            )
+
+    # ---- stages ----------------------------------------------------------------------------------
+    def _key(self, stage_payload: dict, input_hash: str) -> str:
+        r = self.recipe
+        return sha256_json({
+            "stage": stage_payload, "input": input_hash, "data": r.data.model_dump(mode="json"),
+            "seed": r.seed, "dtype": r.model.dtype,
+        })  # fmt: skip
+
+    def _reusable(self, directory: Path, key: str) -> dict | None:
+        manifest = read_json(directory / MANIFEST)
+        if manifest and manifest.get("key") == key and artifact_hash(directory) == manifest.get("artifact_hash"):
+            return manifest
+        return None
+
+    def _baseline(self, source: Path) -> Path:
+        final = self.out / "0-baseline"
+        input_hash = sha256_json(tree_hashes(source))
+        key = self._key({"pass": "baseline", "model": self.recipe.model.model_dump(mode="json")}, input_hash)
+        record = StageRecord(0, final.name, "baseline", status="passed")
+        self.records.append(record)
+        if manifest := self._reusable(final, key):
+            return self._restore(record, manifest, final)
+        started = time.perf_counter()
+        with atomic_dir(final) as tmp, make_progress(self.console) as progress:
+            for f in sorted(source.iterdir()):
+                if f.is_file():
+                    link_or_copy(f, tmp / f.name)
+            model = load_model(tmp, self.recipe.model.dtype, self.recipe.model.trust_remote_code).to(self.device)
+            track = partial(tracked, progress)
+            record.metrics = compute_baseline(
+                model, self.corpus.windows("eval"), self.recipe.data.batch_size, self.device, tmp, track
+            )
+            record.timings = {"total_s": time.perf_counter() - started}
+            self._write_manifest(tmp, record, key, input_hash, {"source": str(source)})
+        del model
+        gc.collect()
+        record.size_bytes = _dir_size(final)
+        return final
+
+    def _stage(self, index: int, stage: Stage, input_dir: Path) -> StageRecord:
+        spec = spec_for(stage.pass_config)
+        final = self.out / f"{index}-{stage.label}"
+        input_hash = read_json(input_dir / MANIFEST)["artifact_hash"]
+        key = self._key({"pass": spec.key, "config": stage.pass_config.model_dump(mode="json")}, input_hash)
+        record = StageRecord(index, final.name, spec.key)
+        self.records.append(record)
+        if manifest := self._reusable(final, key):
+            self._restore(record, manifest, final)
+            return record
+        self.console.print(f"[bold]stage {final.name}[/bold]: {spec.summary}")
+        with atomic_dir(final) as tmp, make_progress(self.console) as progress:
+            t0 = time.perf_counter()
+            model = load_model(input_dir, self.recipe.model.dtype, self.recipe.model.trust_remote_code)
+            ctx = StageContext(
+                adapter=adapter_for(model.config), device=self.device, seed=self.recipe.seed + index,
+                console=self.console, progress=progress, work_dir=tmp,
+                calibration=lambda: self.corpus.windows("calibration"), input_quant=QuantState.load(input_dir),
+            )  # fmt: skip
+            torch.manual_seed(ctx.seed)
+            t1 = time.perf_counter()
+            result = spec.apply(model, stage.pass_config, ctx)
+            t2 = time.perf_counter()
+            model = result.model.to(self.device).eval()
+            record.metrics = evaluate(
+                model, self.corpus.windows("eval"), self.ref, self.recipe.data.batch_size, self.device,
+                partial(tracked, progress),
+            )  # fmt: skip
+            t3 = time.perf_counter()
+            self._save_artifact(model.cpu(), result.quant, input_dir, tmp)
+            record.summary = result.summary
+            record.timings = {
+                "load_s": t1 - t0, "pass_s": t2 - t1, "eval_s": t3 - t2,
+                "save_s": time.perf_counter() - t3, "total_s": time.perf_counter() - t0,
+            }  # fmt: skip
+            self._write_manifest(
+                tmp,
+                record,
+                key,
+                input_hash,
+                {"input": str(input_dir), "config": stage.pass_config.model_dump(mode="json")},
+            )
+        del model, result
+        gc.collect()
+        record.size_bytes = _dir_size(final)
+        return record
+
+    def _save_artifact(self, model, quant: QuantState | None, input_dir: Path, tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        for f in sorted(input_dir.iterdir()):
+            if f.is_file() and f.name not in OWN_FILES and not f.name.startswith("model"):
+                link_or_copy(f, tmp / f.name)
+        if quant is not None:
+            quant.save(tmp)
+        elif (input_dir / QUANT_JSON).exists():
+            for name in (QUANT_JSON, QUANT_TENSORS):
+                link_or_copy(input_dir / name, tmp / name)
+
+    def _write_manifest(self, tmp: Path, record: StageRecord, key: str, input_hash: str, extra: dict) -> None:
+        atomic_write_json(tmp / MANIFEST, {
+            "stage": record.dir, "pass": record.pass_key, "key": key, "input_artifact_hash": input_hash,
+            "artifact_hash": artifact_hash(tmp), "metrics": record.metrics, "summary": record.summary,
+            "timings": record.timings, "seed": self.recipe.seed, "versions": versions(), **extra,
+        })  # fmt: skip
+
+    def _restore(self, record: StageRecord, manifest: dict, directory: Path) -> Path:
+        record.reused = True
+        record.metrics, record.summary = manifest["metrics"], manifest.get("summary", {})
+        record.timings = manifest.get("timings", {})
+        record.size_bytes = _dir_size(directory)
+        self.console.print(f"[dim]stage {directory.name}: unchanged, reused[/dim]")
+        return directory
+
+
+def _dir_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())

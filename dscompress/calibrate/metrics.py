@@ -3,9 +3,9 @@
 Memory stays bounded: logits exist for one batch at a time. The baseline's full next-token log-probabilities
 are streamed once to `baseline_logprobs.safetensors` in the baseline stage and read back one batch of rows at a
 time, so KL(P_base || Q_stage) is computed over the whole vocabulary. They are stored as float16 after
-subtracting each position's maximum (log-softmax restores it on reading), so the tokens that carry the probability mass sit near 0
-where float16 is finest; tests compare the result with float64 KL. The baseline's own top-1 token comes from
-float32 logits and is stored beside it.
+subtracting each position's maximum (log-softmax restores it on reading), so the tokens that carry the
+probability mass sit near 0 where float16 is finest; tests compare the result with float64 KL. The baseline's
+own top-1 token comes from float32 logits and is stored beside it.
 """
 
 from __future__ import annotations

@@ -160,6 +160,28 @@ def eval_(
         out.print_json(json.dumps(metrics))
 
 
+@app.command("export")
+def export_(
+    stage: Annotated[Path, typer.Argument(help="a quantized stage directory, e.g. out/run/latest")],
+    fmt: Annotated[str, typer.Option("--format", help="gptq | gptq_v2 | compressed-tensors")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where to write the packed checkpoint")],
+    dtype: Annotated[
+        str, typer.Option(help="dtype of the unquantized tensors: float16 | bfloat16 | float32")
+    ] = "float16",
+    debug: Debug = False,
+) -> None:
+    """Pack a quantized stage as a GPTQ (v1/v2) or compressed-tensors checkpoint; no re-quantization."""
+    from dscompress.errors import DscompressError
+    from dscompress.export.formats import FORMATS, export
+    from dscompress.models.sources import DTYPES
+
+    with handled(debug):
+        _quiet_libraries()
+        if fmt not in FORMATS or dtype not in DTYPES:
+            raise DscompressError(f"--format {fmt!r} / --dtype {dtype!r}: allowed {FORMATS} / {tuple(DTYPES)}")
+        out.print(f"wrote {export(stage, out_dir, fmt, DTYPES[dtype])}")
+
+
 @app.command()
 def models() -> None:
     """List the bundled real model and the tiny test models, and what is cached."""

@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dscompress.compress.gptq import GPTQConfig
 from dscompress.compress.rtn import RTNConfig
 from dscompress.errors import RecipeError
 from dscompress.yamlpaths import Loc, LocatedYaml, format_loc, load_located
@@ -93,19 +94,27 @@ class Gate(Strict):
         return self
 
 
-PASS_KEYS = ("rtn",)  # must equal the registry's keys; tests/test_recipe.py checks it
+PASS_KEYS = ("rtn", "gptq")  # must equal the registry's keys; tests/test_recipe.py checks it
+QUANTIZING_PASSES = ("rtn", "gptq")  # passes that leave quantization metadata, so they can be packed
 
 
 class Stage(Strict):
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]*$", description="defaults to the pass key")
     rtn: RTNConfig | None = None
+    gptq: GPTQConfig | None = None
     gate: Gate | None = None
+    save_formats: list[Literal["gptq", "gptq_v2", "compressed-tensors"]] = Field(
+        default_factory=list,
+        description="also write packed checkpoints of a quantized stage into <stage>/packed/<format>/",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_pass(self):
         given = [k for k in PASS_KEYS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a stage takes exactly one pass, got {given or 'none'}; allowed: {', '.join(PASS_KEYS)}")
+        if self.save_formats and given[0] not in QUANTIZING_PASSES:
+            raise ValueError(f"save_formats needs a quantizing pass ({', '.join(QUANTIZING_PASSES)}), not {given[0]!r}")
         return self
 
     @property

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from dscompress.compress import rtn
+from dscompress.compress import gptq, rtn
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,9 @@ class PassSpec:
 
 REGISTRY: dict[type[BaseModel], PassSpec] = {
     rtn.RTNConfig: PassSpec("rtn", rtn.RTNConfig, rtn.apply, rtn.check, "weight-only round-to-nearest"),
+    gptq.GPTQConfig: PassSpec(
+        "gptq", gptq.GPTQConfig, gptq.apply, gptq.check, "GPTQ weight-only, layer by layer", frozenset({"calibration"})
+    ),
 }
 
 

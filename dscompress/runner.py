@@ -17,6 +17,7 @@ import fcntl
 import gc
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,6 +40,7 @@ from dscompress.calibrate.data import Corpus
 from dscompress.calibrate.metrics import BASELINE_FILE, BaselineRef, compute_baseline, evaluate
 from dscompress.context import StageContext, make_progress, tracked
 from dscompress.errors import GateFailed, OutputPathError, RunLocked
+from dscompress.export.formats import export as export_packed
 from dscompress.export.qstate import QUANT_JSON, QUANT_TENSORS, QuantState
 from dscompress.gates import check_gate
 from dscompress.models.adapters import adapter_for
@@ -269,6 +271,7 @@ class Runner:
             self._restore(record, manifest, final)
             return record
         self.console.print(f"[bold]stage {final.name}[/bold]: {spec.summary}")
+        resume = self._resume_dir(final.name, key)
         with atomic_dir(final) as tmp, make_progress(self.console) as progress:
             t0 = time.perf_counter()
             model = load_model(input_dir, self.recipe.model.dtype, self.recipe.model.trust_remote_code)
@@ -276,6 +279,7 @@ class Runner:
                 adapter=adapter_for(model.config), device=self.device, seed=self.recipe.seed + index,
                 console=self.console, progress=progress, work_dir=tmp,
                 calibration=lambda: self.corpus.windows("calibration"), input_quant=QuantState.load(input_dir),
+                resume_dir=resume,
             )  # fmt: skip
             torch.manual_seed(ctx.seed)
             t1 = time.perf_counter()
@@ -288,6 +292,8 @@ class Runner:
             )  # fmt: skip
             t3 = time.perf_counter()
             self._save_artifact(model.cpu(), result.quant, input_dir, tmp)
+            for fmt in stage.save_formats:
+                export_packed(tmp, tmp / "packed" / fmt, fmt)
             record.summary = result.summary
             record.timings = {
                 "load_s": t1 - t0, "pass_s": t2 - t1, "eval_s": t3 - t2,
@@ -300,10 +306,21 @@ class Runner:
                 input_hash,
                 {"input": str(input_dir), "config": stage.pass_config.model_dump(mode="json")},
             )
+        shutil.rmtree(resume, ignore_errors=True)
         del model, result
         gc.collect()
         record.size_bytes = _dir_size(final)
         return record
+
+    def _resume_dir(self, stage_dir: str, key: str) -> Path:
+        """out/.resume/<stage>-<key>: partial work a pass may checkpoint; other keys' leftovers are deleted."""
+        root = self.out / ".resume"
+        current = root / f"{stage_dir}-{key[:16]}"
+        for stale in root.glob(f"{stage_dir}-*"):
+            if stale != current:
+                shutil.rmtree(stale, ignore_errors=True)
+        current.mkdir(parents=True, exist_ok=True)
+        return current
 
     def _save_artifact(self, model, quant: QuantState | None, input_dir: Path, tmp: Path) -> None:
         model.save_pretrained(tmp)

@@ -107,3 +107,69 @@ def test_stored_baseline_kl_matches_float64_on_smollm2(tmp_path):
     measured = evaluate(model, windows, BaselineRef(tmp_path), batch_size=2, device=cpu)["kl"]
     print(f"int8 KL: float64 {exact:.7f}, stored-baseline {measured:.7f}")
     assert abs(measured - exact) < 0.02 * exact, (measured, exact)
+
+
+GPTQ_SMALL = """
+model: {path: "bundled:smollm2-135m-instruct"}
+data: {eval: {samples: 2, seq_len: 128}, calibration: {samples: 4, seq_len: 128}}
+stages:
+  - name: w4
+    gptq: {bits: 4, group_size: 64, symmetric: false}
+"""
+
+
+def test_gptq_stage_sigkilled_mid_pass_resumes_at_next_block(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", GPTQ_SMALL)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dscompress.cli", "run", str(recipe), "--out", str(killed)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 300
+    while not list(killed.glob(".resume/1-w4-*/block-0005.safetensors")) and time.time() < deadline:
+        assert proc.poll() is None, "run ended before block 5"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "1-w4").exists()
+    resumed = cli("run", str(recipe), "--out", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((killed / "1-w4" / "manifest.json").read_text())["summary"]
+    assert summary["blocks_resumed"] >= 6  # blocks 0..5 were not quantized again
+    fresh = cli("run", str(recipe), "--out", str(tmp_path / "fresh"))
+    assert fresh.returncode == 0, fresh.stderr
+    assert model_hashes(killed) == model_hashes(tmp_path / "fresh")
+
+
+def test_gptq_output_error_is_at_least_20_percent_below_rtn_on_a_real_linear():
+    import torch
+
+    from dscompress.calibrate.data import Corpus
+    from dscompress.compress.gptq_math import HessianAccumulator, gptq_quantize
+    from dscompress.compress.quant import fake_quantize
+    from dscompress.models.sources import load_model, resolve
+    from dscompress.recipe import DataSpec, SplitSpec
+
+    directory = resolve("bundled:smollm2-135m-instruct").directory
+    model = load_model(directory)
+    spec = DataSpec(eval=SplitSpec(samples=4, seq_len=256), calibration=SplitSpec(samples=32, seq_len=256))
+    corpus = Corpus(spec, AutoTokenizer.from_pretrained(directory))
+    linear = model.model.layers[10].mlp.down_proj
+    seen = []
+    handle = linear.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(corpus.windows("calibration"))
+        calib = torch.cat(seen)
+        seen.clear()
+        model(corpus.windows("eval"))  # measure on held-out activations
+        held_out = torch.cat(seen)
+    handle.remove()
+    acc = HessianAccumulator(calib.shape[1], torch.device("cpu"))
+    acc.add(calib)
+    W = linear.weight.detach()
+    gptq = gptq_quantize(W, acc.H, bits=4, group_size=64, sym=False).weight
+    rtn = fake_quantize(W, 4, 64, False)[0]
+
+    def err(Wq):
+        return float((held_out @ (W - Wq).t()).norm())
+
+    print(f"||WX - W'X||: GPTQ {err(gptq):.3f}, RTN {err(rtn):.3f}")
+    assert err(gptq) <= 0.8 * err(rtn)

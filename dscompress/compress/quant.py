@@ -46,7 +46,10 @@ def minmax_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool)
         wmax = wg.amax(dim=-1).clamp(min=0.0)
         scale = (wmax - wmin) / maxq
         zero = torch.round(-wmin / torch.where(scale == 0, 1.0, scale)).clamp(0, maxq)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group: any scale is exact
+    # Scales are kept float16-representable: GPTQ and compressed-tensors checkpoints store them in 16 bits, and
+    # exporting must not move a single weight. An all-zero (or sub-float16) group gets scale 1: it rounds to 0.
+    scale = scale.half().float()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     return scale, zero.to(torch.int32)
 
 

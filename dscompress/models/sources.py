@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dscompress.atomic import atomic_dir, sha256_file
+from dscompress.atomic import atomic_dir, sha256_file, sha256_json
 from dscompress.errors import ModelSourceError
 from dscompress.models.tiny import TINY_ARCHS, write_tiny
 
@@ -104,7 +104,21 @@ def resolve(path: str) -> ResolvedModel:
         raise ModelSourceError(
             f"{path}: is a file; dscompress reads checkpoint directories (safetensors) or .gguf files"
         )
-    return ResolvedModel(check_checkpoint_dir(local), path)
+    check_checkpoint_dir(local)
+    if json.loads((local / "config.json").read_text()).get("quantization_config"):
+        return ResolvedModel(check_checkpoint_dir(import_packed(local)), path)
+    return ResolvedModel(local, path)
+
+
+def import_packed(directory: Path) -> Path:
+    """A GPTQ / compressed-tensors checkpoint, dequantized once into the cache with its quantization grid."""
+    from dscompress.export.formats import import_quantized
+
+    digest = sha256_json({p.name: sha256_file(p) for p in sorted(directory.glob("*")) if p.is_file()})
+    target = cache_root() / "models" / f"imported-{digest[:16]}"
+    if not target.exists():
+        import_quantized(directory, target)
+    return target
 
 
 def check_safetensors_file(path: Path) -> None:

@@ -1,0 +1,125 @@
+"""The gptq pass on tiny models of every architecture: streaming, MoE experts, resume, options."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from conftest import tiny_recipe
+from dscompress.compress.gptq import GPTQConfig, apply
+from dscompress.context import StageContext, make_progress
+from dscompress.errors import RecipeError
+from dscompress.export.qstate import QuantState
+from dscompress.models.adapters import adapter_for
+from dscompress.models.sources import load_model, resolve
+from dscompress.models.tiny import TINY_ARCHS
+from dscompress.recipe import load_recipe
+from dscompress.runner import Runner
+
+CALIB = torch.randint(0, 256, (6, 48), generator=torch.Generator().manual_seed(0))
+
+
+def run_pass(arch: str, config: GPTQConfig, resume_dir: Path | None = None):
+    model = load_model(resolve(f"tiny:{arch}").directory)
+    console = Console(stderr=True, quiet=True)
+    with make_progress(console) as progress:
+        ctx = StageContext(adapter_for(model.config), torch.device("cpu"), 0, console, progress, Path("."),
+                           lambda: CALIB, resume_dir=resume_dir)  # fmt: skip
+        out = apply(model, config, ctx)
+    return out
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_gptq_stage_on_every_architecture(tmp_path, arch):
+    stages = "  - gptq: {bits: 4, group_size: 32, act_order: true}\n    gate: {kl: {max: 1.0}}"
+    path = tiny_recipe(tmp_path / "r.yaml", f"tiny:{arch}", stages)
+    recipe, located = load_recipe(path)
+    report = Runner(recipe, path, tmp_path / "out", located=located).run()
+    assert report["result"] == "passed"
+    stage = tmp_path / "out" / "1-gptq"
+    state, model = QuantState.load(stage), load_model(stage)
+    assert state.method == "gptq"
+    expected = {t.name for t in adapter_for(model.config).weight_targets(model)} - {"lm_head"}
+    assert set(state.targets) == expected  # every projection and expert stack of every layer
+    for name, meta in state.targets.items():
+        parent, attr = (name, "weight") if meta["kind"] == "linear" else name.rsplit(".", 1)
+        w = getattr(model.get_submodule(parent), attr).detach()
+        codes = state.codes(name, w)
+        g = codes.shape[-1] // 32
+        scale, zero = state.tensors[f"{name}.scale"], state.tensors[f"{name}.zero"]
+        rebuilt = (codes.float().reshape(*codes.shape[:-1], g, 32) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+        assert torch.equal(rebuilt.reshape(w.shape), w), name  # on the grid, exactly
+    assert not (tmp_path / "out" / ".resume" / "1-gptq").exists()
+    assert not list((tmp_path / "out" / ".resume").glob("*"))
+
+
+def test_gptq_beats_rtn_on_the_same_tiny_model(tmp_path):
+    stages = (
+        "  - name: rtn\n    rtn: {bits: 3, group_size: 64}\n    gate: {kl: {max: 9}, on_fail: skip}\n"
+        "  - name: gptq\n    gptq: {bits: 3, group_size: 64}\n"
+    )
+    path = tiny_recipe(tmp_path / "r.yaml", "tiny:qwen2", stages)
+    path.write_text(path.read_text().replace("max: 9}, on_fail: skip", "max: 0.0000001}, on_fail: skip"))
+    recipe, located = load_recipe(path)
+    report = Runner(recipe, path, tmp_path / "out", located=located).run()
+    rtn, gptq = report["stages"][1]["metrics"], report["stages"][2]["metrics"]
+    assert gptq["kl"] < rtn["kl"]
+
+
+def test_rarely_routed_experts_fall_back_to_rtn_and_are_counted():
+    out = run_pass("qwen3_moe", GPTQConfig(group_size=32, moe_min_tokens=10**6))
+    # 2 MoE layers x 2 expert stacks x 4 experts, every one below the token threshold
+    assert out.summary["experts_rtn_fallback"] == 16
+    none = run_pass("qwen3_moe", GPTQConfig(group_size=32, moe_min_tokens=1))
+    assert none.summary["experts_rtn_fallback"] < 16
+
+
+def test_deepseek_shared_experts_and_dense_layer_are_quantized_like_mlps():
+    out = run_pass("deepseek_v3", GPTQConfig(group_size=32))
+    names = set(out.quant.targets)
+    assert "model.layers.0.mlp.down_proj" in names  # first_k_dense_replace: a dense MLP
+    assert "model.layers.1.mlp.shared_experts.gate_proj" in names
+    assert "model.layers.2.mlp.experts.gate_up_proj" in names
+
+
+def test_killed_pass_resumes_at_the_next_block_with_identical_result(tmp_path):
+    config = GPTQConfig(group_size=32)
+    full = run_pass("deepseek_v3", config, resume_dir=tmp_path / "full")
+    blocks = sorted((tmp_path / "full").glob("block-*.safetensors"))
+    assert len(blocks) == 3
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for b in blocks[:2]:  # what a run killed during block 2 leaves behind
+        (partial / b.name).write_bytes(b.read_bytes())
+    resumed = run_pass("deepseek_v3", config, resume_dir=partial)
+    assert resumed.summary["blocks_resumed"] == 2
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(full.quant.tensors[k], resumed.quant.tensors[k]) for k in full.quant.tensors)
+
+
+def test_lm_head_is_quantized_only_when_not_excluded():
+    out = run_pass("qwen2", GPTQConfig(group_size=32, exclude=["embed_tokens"]))
+    assert "lm_head" in out.quant.targets
+
+
+def test_non_sequential_mode_runs():
+    out = run_pass("llama", GPTQConfig(group_size=64, true_sequential=False, symmetric=False))
+    assert out.summary["quantized_weights"] == 14
+
+
+@pytest.mark.parametrize(
+    ("option", "expect"),
+    [("damp_frac: 0", "damp_frac: 0"), ("block_size: 100", "128 or 256"), ("bits: 5", "2, 3, 4 or 8")],
+)
+def test_bad_options(tmp_path, option, expect):
+    path = tiny_recipe(tmp_path / "r.yaml", stages=f"  - gptq: {{{option}}}")
+    with pytest.raises(RecipeError, match=expect):
+        load_recipe(path)
+
+
+def test_save_formats_need_a_quantizing_pass(tmp_path):
+    from dscompress.recipe import Stage
+
+    assert Stage(gptq=GPTQConfig(), save_formats=["gptq"]).save_formats == ["gptq"]

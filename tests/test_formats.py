@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import cli, tiny_recipe
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import cli, tiny_recipe
 from dscompress.errors import ModelSourceError
 from dscompress.export.formats import (
     decode_gptq,

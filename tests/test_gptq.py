@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from rich.console import Console
 
-from conftest import tiny_recipe
 from dscompress.compress.gptq import GPTQConfig, apply
 from dscompress.context import StageContext, make_progress
 from dscompress.errors import RecipeError

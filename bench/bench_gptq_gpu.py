@@ -1,0 +1,97 @@
+"""GPTQ speed and peak accelerator memory on random-init models of real shapes (GPU benchmark).
+
+Weights are random (std 0.02), so only time and memory mean anything here; accuracy is measured on the real
+SmolLM2 in bench/bench_gptq.py. A memory cap below the model's own size shows that the pass streams one decoder
+block at a time:
+
+    python bench/bench_gptq_gpu.py --shape qwen2.5-7b --cap-gib 10 --samples 64 --seq-len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from dscompress.compress.gptq import GPTQConfig, apply
+from dscompress.context import StageContext, make_progress
+from dscompress.models.adapters import adapter_for
+
+SHAPES = {
+    "smollm2-135m": lambda: LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192,
+    ),  # fmt: skip
+    "qwen2.5-7b": lambda: Qwen2Config(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=32768,
+    ),  # fmt: skip
+}
+
+
+def random_model(shape: str, dtype: torch.dtype):
+    """Random weights without transformers' slow per-module init: build on meta, then fill."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(SHAPES[shape](), dtype=dtype)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives tied tensors separate storage
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.model.rotary_emb.__init__(model.config)  # recompute inv_freq buffers that to_empty left empty
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--cap-gib", type=float, default=0.0, help="accelerator memory cap (0: none)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and args.cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, device)
+    t0 = time.perf_counter()
+    model = random_model(args.shape, torch.bfloat16)
+    build_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=torch.Generator())
+    console = Console(stderr=True)
+    config = GPTQConfig(bits=4, group_size=args.group_size, symmetric=True, batch_size=8)
+    with make_progress(console) as progress:
+        ctx = StageContext(adapter_for(model.config), device, 0, console, progress, Path("."), lambda: windows)
+        t1 = time.perf_counter()
+        out = apply(model, config, ctx)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t1
+    result = {
+        "shape": args.shape, "params": n_params, "model_bytes_bf16": n_params * 2,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "cap_gib": args.cap_gib, "samples": args.samples,
+        "seq_len": args.seq_len, "group_size": args.group_size, "gptq_seconds": round(seconds, 2),
+        "seconds_per_billion_params": round(seconds / (n_params / 1e9), 2),
+        "peak_accelerator_gib": round(out.summary["peak_accelerator_bytes"] / 2**30, 3),
+        "model_build_seconds": round(build_s, 1), "torch": torch.__version__,
+    }  # fmt: skip
+    print(json.dumps(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ format:
 	$(BIN)/ruff format dscompress tests bench
 
 bench:
-	$(BIN)/python bench/bench_rtn.py
+	$(BIN)/python bench/bench_gptq.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -24,29 +24,42 @@ from dscompress.models.adapters import adapter_for
 
 SHAPES = {
     "smollm2-135m": lambda: LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
     ),  # fmt: skip
     "qwen2.5-7b": lambda: Qwen2Config(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=32768,
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
     ),  # fmt: skip
 }
 
 
-def random_model(shape: str, dtype: torch.dtype):
-    """Random weights without transformers' slow per-module init: build on meta, then fill."""
+def random_model(shape: str, dtype: torch.dtype, fill_device: torch.device):
+    """Random weights without transformers' slow per-module init: build on meta, keep on CPU, fill from
+    `fill_device` (a CPU generator fills a 7B model far too slowly)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(SHAPES[shape](), dtype=dtype)
     model = model.to_empty(device="cpu")
     model.tie_weights()  # to_empty gives tied tensors separate storage
-    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, 0.02, generator=gen)
+                p.copy_(torch.empty(p.shape, dtype=dtype, device=fill_device).normal_(0.0, 0.02))
     model.model.rotary_emb.__init__(model.config)  # recompute inv_freq buffers that to_empty left empty
     return model.eval()
 
@@ -63,12 +76,13 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if cuda and args.cap_gib:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, device)
     t0 = time.perf_counter()
-    model = random_model(args.shape, torch.bfloat16)
+    model = random_model(args.shape, torch.bfloat16, device)
     build_s = time.perf_counter() - t0
+    if cuda and args.cap_gib:
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, 0)
     n_params = sum(p.numel() for p in model.parameters())
     windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=torch.Generator())
     console = Console(stderr=True)

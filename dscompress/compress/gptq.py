@@ -40,7 +40,9 @@ class GPTQConfig(BaseModel):
     bits: Literal[2, 3, 4, 8] = Field(4, description="bits per weight")
     group_size: Literal[-1, 32, 64, 128] = Field(128, description="columns per scale; -1 = per output channel")
     symmetric: bool = Field(True, description="symmetric grid (zero point 2**(bits-1)) or asymmetric")
-    act_order: bool = Field(False, description="visit columns by decreasing Hessian diagonal (static groups)")
+    # On by default: measured on SmolLM2 W4 g64 it cuts KL to fp32 from 0.19 to 0.11 (docs/BENCHMARKS.md), and
+    # with static groups it costs nothing at inference.
+    act_order: bool = Field(True, description="visit columns by decreasing Hessian diagonal (static groups)")
     damp_frac: float = Field(0.01, gt=0, le=1, description="dampening, as a fraction of mean(diag H)")
     block_size: Literal[128, 256] = Field(128, description="columns per lazy batch update")
     true_sequential: bool = Field(True, description="re-collect inputs after each quantized group of a layer")

@@ -130,6 +130,7 @@ def _solve(W, Hinv, perm, scale, zero, bits, gs, sym, static, block_size):
     """The lazy-batch column loop. W and Hinv are in visiting order; `perm` maps position -> original column."""
     maxq = max_code(bits)
     out_f, in_f = W.shape
+    order = perm.tolist()  # on the host once: indexing a device tensor per column would sync every column
     Q = torch.zeros_like(W)
     loss = torch.zeros((), device=W.device, dtype=torch.float64)
     for i1 in range(0, in_f, block_size):
@@ -138,7 +139,7 @@ def _solve(W, Hinv, perm, scale, zero, bits, gs, sym, static, block_size):
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = order[i1 + i]
             g = col // gs
             if not static and col % gs == 0:  # first column of a group: fix its grid from current weights
                 s, z = _group_params(W1[:, i : i + gs], bits, -1, sym)  # the group lies inside this block

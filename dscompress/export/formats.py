@@ -27,6 +27,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dscompress import __version__
 from dscompress.atomic import atomic_dir
 from dscompress.compress.quant import dequantize_codes
 from dscompress.errors import ModelSourceError
@@ -125,6 +126,9 @@ def export(stage_dir: Path, out_dir: Path, fmt: str, dtype: torch.dtype = torch.
         ignore = sorted({k.rsplit(".", 1)[0] for k in _linear_weight_names(model)} - set(packed))
         config["quantization_config"] = quantization_config(fmt, state, ignore)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if fmt != "compressed-tensors":  # AutoGPTQ / GPTQModel read this file, with the producer in meta
+            qc = config["quantization_config"] | {"meta": {"quantizer": [f"dscompress:{__version__}"]}}
+            (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True) + "\n")
         for f in stage_dir.iterdir():
             if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
                 shutil.copy2(f, tmp / f.name)

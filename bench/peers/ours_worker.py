@@ -1,0 +1,31 @@
+"""dscompress worker: the gptq pass on the same windows, timed the same way as the peers."""
+
+import shutil
+from pathlib import Path
+
+import torch
+from common import Timer, finish, job
+from rich.console import Console
+
+from dscompress.compress.gptq import GPTQConfig, apply
+from dscompress.context import StageContext, make_progress
+from dscompress.export.formats import export
+from dscompress.models.adapters import adapter_for
+from dscompress.models.sources import load_model
+
+spec = job()
+console = Console(stderr=True)
+config = GPTQConfig(bits=spec["bits"], group_size=spec["group_size"], symmetric=spec["sym"])  # act_order: static
+with Timer() as t, make_progress(console) as progress:
+    model = load_model(Path(spec["model"]))
+    ctx = StageContext(adapter_for(model.config), torch.device("cpu"), 0, console, progress, Path("."),
+                       lambda: spec["calibration"])  # fmt: skip
+    result = apply(model, config, ctx)
+out = Path(spec["output"])
+model.save_pretrained(out / "stage")
+result.quant.save(out / "stage")
+for f in Path(spec["model"]).glob("tokenizer*"):
+    shutil.copy2(f, out / "stage" / f.name)
+# for the gptqmodel load check: v2 zeros, since gptqmodel loads asymmetric v1 only from its own files
+export(out / "stage", out / "gptq", "gptq_v2", torch.float16)
+finish(spec, seconds=t.seconds)

@@ -82,8 +82,8 @@ def main() -> None:
     for sym in (True, False):
         for tool in ("dscompress", *PEERS):
             tag = f"{tool}-{'sym' if sym else 'asym'}"
-            job = {"tag": tag, "model": str(model_dir), "windows": str(windows), "bits": 4,
-                   "group_size": args.group_size, "sym": sym, "output": str(args.work / tag), "mode": "quantize"}  # fmt: skip
+            job = {"tag": tag, "model": str(model_dir), "windows": str(windows), "bits": 4, "sym": sym,
+                   "group_size": args.group_size, "output": str(args.work / tag), "mode": "quantize"}  # fmt: skip
             if tool == "dscompress":
                 result = run_worker(Path(sys.executable), "ours_worker.py", job, args.work)
                 quantized = args.work / tag / "stage"

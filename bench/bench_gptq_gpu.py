@@ -97,7 +97,8 @@ def main() -> None:
     result = {
         "shape": args.shape, "params": n_params, "model_bytes_bf16": n_params * 2,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "cap_gib": args.cap_gib,
-        "samples": args.samples, "seq_len": args.seq_len, "group_size": args.group_size, "gptq_seconds": round(seconds, 2),
+        "samples": args.samples, "seq_len": args.seq_len, "group_size": args.group_size,
+        "gptq_seconds": round(seconds, 2),
         "seconds_per_billion_params": round(seconds / (n_params / 1e9), 2),
         "peak_accelerator_gib": round(out.summary["peak_accelerator_bytes"] / 2**30, 3),
         "model_build_seconds": round(build_s, 1), "torch": torch.__version__,

@@ -60,17 +60,22 @@ def model_hashes(out):
             if d.is_dir() and d.name[0].isdigit()}  # fmt: skip
 
 
+def run_and_sigkill(recipe, out, when: str) -> None:
+    """Start `dscompress run`, SIGKILL it as soon as a path matching the glob `when` appears under `out`."""
+    cmd = [sys.executable, "-m", "dscompress.cli", "run", str(recipe), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 300
+    while not list(out.glob(when)) and time.time() < deadline:
+        assert proc.poll() is None, f"run ended before {when} appeared"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_mid_stage_resumes_to_identical_artifacts(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", SMALL)
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "dscompress.cli", "run", str(recipe), "--out", str(killed)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    deadline = time.time() + 300
-    while not list(killed.glob(".tmp-2-int4*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "run ended before stage 2 started"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_and_sigkill(recipe, killed, ".tmp-2-int4*")
     assert (killed / "1-int8").is_dir() and not (killed / "2-int4").exists()
     resumed = cli("run", str(recipe), "--out", str(killed))
     assert resumed.returncode == 0, resumed.stderr
@@ -121,14 +126,7 @@ stages:
 def test_gptq_stage_sigkilled_mid_pass_resumes_at_next_block(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", GPTQ_SMALL)
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "dscompress.cli", "run", str(recipe), "--out", str(killed)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    deadline = time.time() + 300
-    while not list(killed.glob(".resume/1-w4-*/block-0005.safetensors")) and time.time() < deadline:
-        assert proc.poll() is None, "run ended before block 5"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_and_sigkill(recipe, killed, ".resume/1-w4-*/block-0005.safetensors")
     assert not (killed / "1-w4").exists()
     resumed = cli("run", str(recipe), "--out", str(killed))
     assert resumed.returncode == 0, resumed.stderr

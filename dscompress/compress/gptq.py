@@ -112,9 +112,12 @@ class _GroupHessians:
     need nothing after it), so collecting q/k/v costs a norm, not a whole layer.
     """
 
-    def __init__(self, group: list[WeightTarget], device, stop: bool = False):
+    def __init__(self, group: list[WeightTarget], device, stop: bool = False, hooks: bool = True):
         self.group, self.handles, self.stop = group, [], stop
         first = group[0]
+        if not hooks:  # the caller feeds self.acc itself
+            self.acc = HessianAccumulator(first.in_features, device)
+            return
         if first.kind == "linear":
             self.acc = HessianAccumulator(first.in_features, device)
             self.handles.append(first.module.register_forward_pre_hook(self._linear_hook))
@@ -256,10 +259,8 @@ def _quantize_lm_head(model, adapter, batches, config: GPTQConfig, state: QuantS
     if not selected([head], config.exclude):
         return
     norm = model.get_submodule(adapter.final_norm_path).to(batches[0][0].device)
-    acc = HessianAccumulator(head.in_features, batches[0][0].device)
+    hess = _GroupHessians([head], batches[0][0].device, hooks=False)
     for hidden, _ in batches:
-        acc.add(norm(hidden))
+        hess.acc.add(norm(hidden))
     norm.to("cpu")
-    hess = _GroupHessians.__new__(_GroupHessians)
-    hess.group, hess.acc, hess.handles = [head], acc, []
     _quantize_group(hess, config, state, stats)

@@ -129,10 +129,16 @@ def export(stage_dir: Path, out_dir: Path, fmt: str, dtype: torch.dtype = torch.
         if fmt != "compressed-tensors":  # AutoGPTQ / GPTQModel read this file, with the producer in meta
             qc = config["quantization_config"] | {"meta": {"quantizer": [f"dscompress:{__version__}"]}}
             (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True) + "\n")
-        for f in stage_dir.iterdir():
-            if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
-                shutil.copy2(f, tmp / f.name)
+        copy_side_files(stage_dir, tmp)
     return out_dir
+
+
+def copy_side_files(source: Path, target: Path) -> None:
+    """Tokenizer, chat template and generation config: what a checkpoint needs besides weights and config."""
+    for f in source.iterdir():
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja"
+                            or f.name == "generation_config.json"):  # fmt: skip
+            shutil.copy2(f, target / f.name)
 
 
 def _linear_weight_names(model) -> list[str]:
@@ -284,12 +290,7 @@ def import_quantized(source: Path, target: Path) -> None:
         _copy_index_for_float(source, tmp, grids, scheme)
         del config["quantization_config"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for f in source.iterdir():
-            if f.is_file() and not f.name.endswith((".safetensors", ".json")) or f.name.startswith("tokenizer"):
-                shutil.copy2(f, tmp / f.name)
-        for name in ("generation_config.json", "special_tokens_map.json"):
-            if (source / name).exists():
-                shutil.copy2(source / name, tmp / name)
+        copy_side_files(source, tmp)
         model = load_model(tmp)
         _grids_to_state(model, adapter_for(model.config), grids, scheme).save(tmp)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,16 @@ def tracked(progress: Progress, items: Iterable[T], description: str) -> Iterato
         for item in items:
             yield item
             progress.advance(task)
+    finally:
+        progress.remove_task(task)
+
+
+@contextlib.contextmanager
+def spinner(progress: Progress, description: str) -> Iterator[None]:
+    """An indeterminate task in the same live display (rich allows one live display at a time)."""
+    task = progress.add_task(description, total=None)
+    try:
+        yield
     finally:
         progress.remove_task(task)
 

@@ -38,7 +38,7 @@ from dscompress.atomic import (
 )
 from dscompress.calibrate.data import Corpus
 from dscompress.calibrate.metrics import BASELINE_FILE, BaselineRef, compute_baseline, evaluate
-from dscompress.context import StageContext, make_progress, tracked
+from dscompress.context import StageContext, make_progress, spinner, tracked
 from dscompress.errors import GateFailed, OutputPathError, RunLocked
 from dscompress.export.formats import export as export_packed
 from dscompress.export.qstate import QUANT_JSON, QUANT_TENSORS, QuantState
@@ -177,7 +177,8 @@ class Runner:
     def _prepare(self) -> Path:
         """Resolve the model, check the recipe against its shapes, and cut the data windows stages need."""
         model = self.recipe.model
-        source = resolve(model.path).directory
+        with self.console.status(f"resolving {model.path} (a GGUF or packed checkpoint converts once)"):
+            source = resolve(model.path).directory
         check_against_model(self.recipe, self.located, inspect_model(source, model.trust_remote_code))
         self.corpus = Corpus(self.recipe.data, load_tokenizer(source))
         needed = {"eval"}.union(*(spec_for(s.pass_config).needs for s in self.recipe.stages))
@@ -248,7 +249,8 @@ class Runner:
             for f in sorted(source.iterdir()):
                 if f.is_file():
                     link_or_copy(f, tmp / f.name)
-            model = load_model(tmp, self.recipe.model.dtype, self.recipe.model.trust_remote_code).to(self.device)
+            with spinner(progress, "loading the baseline"):
+                model = load_model(tmp, self.recipe.model.dtype, self.recipe.model.trust_remote_code).to(self.device)
             track = partial(tracked, progress)
             record.metrics = compute_baseline(
                 model, self.corpus.windows("eval"), self.recipe.data.batch_size, self.device, tmp, track
@@ -274,7 +276,8 @@ class Runner:
         resume = self._resume_dir(final.name, key)
         with atomic_dir(final) as tmp, make_progress(self.console) as progress:
             t0 = time.perf_counter()
-            model = load_model(input_dir, self.recipe.model.dtype, self.recipe.model.trust_remote_code)
+            with spinner(progress, f"loading {input_dir.name}"):
+                model = load_model(input_dir, self.recipe.model.dtype, self.recipe.model.trust_remote_code)
             ctx = StageContext(
                 adapter=adapter_for(model.config), device=self.device, seed=self.recipe.seed + index,
                 console=self.console, progress=progress, work_dir=tmp,

@@ -171,3 +171,14 @@ def test_gptq_output_error_is_at_least_20_percent_below_rtn_on_a_real_linear():
 
     print(f"||WX - W'X||: GPTQ {err(gptq):.3f}, RTN {err(rtn):.3f}")
     assert err(gptq) <= 0.8 * err(rtn)
+
+
+def test_a_gguf_file_path_is_dequantized_once_and_cached():
+    from dscompress.models.sources import bundled_gguf, load_config, resolve
+
+    gguf = bundled_gguf("smollm2-135m-instruct")
+    first = resolve(str(gguf)).directory
+    assert first.name.startswith("gguf-") and (first / "model.safetensors").is_file()
+    mtime = (first / "model.safetensors").stat().st_mtime
+    assert resolve(str(gguf)).directory == first and (first / "model.safetensors").stat().st_mtime == mtime
+    assert load_config(first).model_type == "llama"

@@ -123,3 +123,15 @@ def test_save_formats_need_a_quantizing_pass(tmp_path):
     from dscompress.recipe import Stage
 
     assert Stage(gptq=GPTQConfig(), save_formats=["gptq"]).save_formats == ["gptq"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])
+def test_dense_block_shortcut_equals_running_the_layers(arch, monkeypatch):
+    import dscompress.compress.gptq as gptq_module
+
+    fast = run_pass(arch, GPTQConfig(group_size=32))
+    monkeypatch.setattr(gptq_module, "_dense_parts", lambda *args: None)  # force the generic layer passes
+    slow = run_pass(arch, GPTQConfig(group_size=32))
+    a, b = fast.model.state_dict(), slow.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same operations in the same order: bit-identical
+    assert all(torch.equal(fast.quant.tensors[k], slow.quant.tensors[k]) for k in fast.quant.tensors)

@@ -112,8 +112,8 @@ class _GroupHessians:
     need nothing after it), so collecting q/k/v costs a norm, not a whole layer.
     """
 
-    def __init__(self, group: list[WeightTarget], device, stop: bool = False, hooks: bool = True):
-        self.group, self.handles, self.stop = group, [], stop
+    def __init__(self, group: list[WeightTarget], device, stop: bool = False, hooks: bool = True, keep=None):
+        self.group, self.handles, self.stop, self.keep = group, [], stop, keep
         first = group[0]
         if not hooks:  # the caller feeds self.acc itself
             self.acc = HessianAccumulator(first.in_features, device)
@@ -142,6 +142,8 @@ class _GroupHessians:
 
     def _linear_hook(self, module, args):
         self.acc.add(args[0])
+        if self.keep is not None:  # the caller reuses these inputs instead of recomputing them
+            self.keep.append(args[0])
         if self.stop:
             raise _StopForward
 
@@ -219,15 +221,20 @@ def apply(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext) -> Pass
         for index in ctx.track(range(len(layers)), f"gptq int{config.bits} g{config.group_size}"):
             layer = layers[index].to(device)
             groups = [g for g in (selected(g, config.exclude) for g in adapter.block_linears(model, index)) if g]
-            path = _block_path(ctx.resume_dir, index)
+            path, outs = _block_path(ctx.resume_dir, index), None
             if path is not None and path.exists():
                 _load_block(path, layer, state, [t for g in groups for t in g])
                 stats["blocks_resumed"] += 1
             else:
-                _quantize_layer(layer, groups, batches, config, state, stats)
+                parts = _dense_parts(adapter, model, index, groups) if config.true_sequential else None
+                if parts is not None:
+                    outs = _quantize_dense_layer(layer, groups, batches, parts, config, state, stats)
+                else:
+                    _quantize_layer(layer, groups, batches, config, state, stats)
                 if path is not None:
                     _save_block(path, layer, state, [t.name for g in groups for t in g])
-            outs = _run_layer(layer, batches)
+            if outs is None:
+                outs = _run_layer(layer, batches)
             batches = [(out, kwargs) for out, (_, kwargs) in zip(outs, batches, strict=True)]
             layers[index] = layer.to("cpu")
         _quantize_lm_head(model, adapter, batches, config, state, stats)
@@ -251,6 +258,62 @@ def _quantize_layer(layer, groups, batches, config: GPTQConfig, state: QuantStat
     for hess in hessians:
         hess.remove()
         _quantize_group(hess, config, state, stats)
+
+
+def _dense_parts(adapter, model, index: int, groups: list[list[WeightTarget]]):
+    """(o group, gate/up group, down group, post-attention norm, mlp) for a pre-norm block with a dense gated MLP
+    whose o_proj and MLP projections are all being quantized; None otherwise (MoE layers, exclusions)."""
+    if adapter.is_moe_layer(model.config, index):
+        return None
+    by_leaf = {t.name.rsplit(".", 1)[-1]: g for g in groups for t in g}
+    if not all(k in by_leaf for k in ("o_proj", "gate_proj", "up_proj", "down_proj")):
+        return None
+    layer = adapter.layers(model)[index]
+    post_norm = layer.get_submodule(adapter.post_attn_norm_path)
+    return (
+        by_leaf["o_proj"],
+        by_leaf["gate_proj"],
+        by_leaf["down_proj"],
+        post_norm,
+        layer.get_submodule(adapter.mlp_path),
+    )
+
+
+def _quantize_dense_layer(layer, groups, batches, parts, config: GPTQConfig, state: QuantState, stats: dict):
+    """True-sequential GPTQ of a dense pre-norm block with one attention pass instead of four layer passes.
+
+    The block computes h = x + o_proj(attn(norm1(x))); out = h + down(act(gate(norm2(h))) * up(norm2(h))).
+    Once o_proj's inputs are recorded (the only part that needs attention), everything after it is a few
+    matrix products, so the MLP's Hessians and the block's outputs come from the quantized weights directly.
+    Returns the block's outputs (the next block's inputs).
+    """
+    o_group, mlp_group, down_group, post_norm, mlp = parts
+    device = batches[0][0].device
+    for group in groups[: groups.index(o_group)]:  # attention projections before o_proj: as usual
+        hess = _GroupHessians(group, device, stop=True)
+        _run_layer(layer, batches)
+        hess.remove()
+        _quantize_group(hess, config, state, stats)
+    attn_out: list[torch.Tensor] = []
+    hess = _GroupHessians(o_group, device, stop=True, keep=attn_out)
+    _run_layer(layer, batches)
+    hess.remove()
+    _quantize_group(hess, config, state, stats)
+    o_proj = o_group[0].module
+    residual = [hidden + o_proj(x) for (hidden, _), x in zip(batches, attn_out, strict=True)]
+    del attn_out
+    mlp_in = [post_norm(h) for h in residual]
+    hess = _GroupHessians(mlp_group, device, hooks=False)
+    for x in mlp_in:
+        hess.acc.add(x)
+    _quantize_group(hess, config, state, stats)
+    hess = _GroupHessians(down_group, device, hooks=False)
+    for x in mlp_in:  # recomputed below rather than kept: (B, T, intermediate) per batch is the largest tensor
+        hess.acc.add(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    _quantize_group(hess, config, state, stats)
+    return [
+        h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)) for h, x in zip(residual, mlp_in, strict=True)
+    ]
 
 
 def _quantize_lm_head(model, adapter, batches, config: GPTQConfig, state: QuantState, stats: dict) -> None:

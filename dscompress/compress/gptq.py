@@ -64,6 +64,9 @@ def check(config: GPTQConfig, targets: list[WeightTarget]) -> list[tuple[str, st
     return rtn.check(config, targets)  # same rule: the group size must divide every quantized width
 
 
+KEEP_BYTES = 1 << 30  # activations the dense-block shortcut may keep instead of recomputing
+
+
 class _StopForward(Exception):
     """Raised by the capture hook once layer 0's inputs are recorded."""
 
@@ -308,11 +311,18 @@ def _quantize_dense_layer(layer, groups, batches, parts, config: GPTQConfig, sta
         hess.acc.add(x)
     _quantize_group(hess, config, state, stats)
     hess = _GroupHessians(down_group, device, hooks=False)
-    for x in mlp_in:  # recomputed below rather than kept: (B, T, intermediate) per batch is the largest tensor
-        hess.acc.add(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    # (B, T, intermediate) per batch is the largest activation: kept when small, else recomputed for the outputs
+    tokens = sum(x[..., 0].numel() for x in mlp_in)
+    keep = tokens * down_group[0].in_features * mlp_in[0].element_size() <= KEEP_BYTES
+    down_in = []
+    for x in mlp_in:
+        y = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        hess.acc.add(y)
+        down_in.append(y if keep else None)
     _quantize_group(hess, config, state, stats)
     return [
-        h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)) for h, x in zip(residual, mlp_in, strict=True)
+        h + mlp.down_proj(y if y is not None else mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        for h, x, y in zip(residual, mlp_in, down_in, strict=True)
     ]
 
 

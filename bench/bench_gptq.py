@@ -50,8 +50,9 @@ def run_worker(python: Path, worker: str, spec: dict, work: Path) -> dict:
     job.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": f"{HERE / 'peers'}:{HERE.parent}", "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
-    proc = subprocess.run([str(python), str(HERE / "peers" / worker), str(job)], env=env, capture_output=True,
-                          text=True, cwd=work)  # fmt: skip  (cwd: llmcompressor writes logs/ where it runs)
+    proc = subprocess.run(
+        [str(python), str(HERE / "peers" / worker), str(job)], env=env, capture_output=True, text=True, cwd=work
+    )  # fmt: skip  (cwd: llmcompressor writes logs/ where it runs)
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall_s": time.perf_counter() - started}

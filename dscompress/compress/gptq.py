@@ -10,6 +10,9 @@ Flow, for calibration windows X:
    it; an expert that saw fewer than `moe_min_tokens` tokens falls back to round-to-nearest and is counted.
 3. Run the quantized layer over X: its outputs are layer k+1's inputs. Move it back to CPU. Checkpoint it.
 Only one block and the activations sit on the accelerator; the rest of the model stays in CPU memory.
+Dense pre-norm blocks (every layer of Llama/Qwen2/Qwen3, DeepSeek's dense layers) take a shortcut with the same
+result, bit for bit: after one pass through attention, the MLP's inputs and the block's outputs are computed
+from the quantized weights directly (`_quantize_dense_layer`).
 """
 
 from __future__ import annotations

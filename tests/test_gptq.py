@@ -119,10 +119,10 @@ def test_bad_options(tmp_path, option, expect):
         load_recipe(path)
 
 
-def test_save_formats_need_a_quantizing_pass(tmp_path):
-    from dscompress.recipe import Stage
-
-    assert Stage(gptq=GPTQConfig(), save_formats=["gptq"]).save_formats == ["gptq"]
+def test_unknown_save_format_is_refused(tmp_path):
+    path = tiny_recipe(tmp_path / "r.yaml", stages="  - gptq: {}\n    save_formats: [awq]")
+    with pytest.raises(RecipeError, match=r"stages\[0\].save_formats\[0\]: 'awq' is not allowed; allowed: 'gptq'"):
+        load_recipe(path)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "deepseek_v3"])

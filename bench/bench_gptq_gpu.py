@@ -88,7 +88,7 @@ def main() -> None:
     console = Console(stderr=True)
     config = GPTQConfig(bits=4, group_size=args.group_size, symmetric=True, batch_size=8)
     with make_progress(console) as progress:
-        ctx = StageContext(adapter_for(model.config), device, 0, console, progress, Path("."), lambda: windows)
+        ctx = StageContext(adapter_for(model.config), device, 0, console, progress, lambda: windows)
         t1 = time.perf_counter()
         out = apply(model, config, ctx)
         if cuda:

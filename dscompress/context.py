@@ -60,9 +60,7 @@ class StageContext:
     seed: int
     console: Console
     progress: Progress
-    work_dir: Path  # the stage's temporary directory; files a pass writes here land in the artifact
     calibration: Callable[[], torch.Tensor]  # lazily built calibration windows, (N, T) int64
-    input_quant: QuantState | None = None  # quantization metadata of the input artifact, if any
     resume_dir: Path | None = None  # survives a killed run (same stage key); removed once the stage is complete
 
     def track(self, items: Iterable[T], description: str) -> Iterator[T]:

@@ -280,9 +280,8 @@ class Runner:
                 model = load_model(input_dir, self.recipe.model.dtype, self.recipe.model.trust_remote_code)
             ctx = StageContext(
                 adapter=adapter_for(model.config), device=self.device, seed=self.recipe.seed + index,
-                console=self.console, progress=progress, work_dir=tmp,
-                calibration=lambda: self.corpus.windows("calibration"), input_quant=QuantState.load(input_dir),
-                resume_dir=resume,
+                console=self.console, progress=progress,
+                calibration=lambda: self.corpus.windows("calibration"), resume_dir=resume,
             )  # fmt: skip
             torch.manual_seed(ctx.seed)
             t1 = time.perf_counter()

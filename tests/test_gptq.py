@@ -24,7 +24,7 @@ def run_pass(arch: str, config: GPTQConfig, resume_dir: Path | None = None):
     model = load_model(resolve(f"tiny:{arch}").directory)
     console = Console(stderr=True, quiet=True)
     with make_progress(console) as progress:
-        ctx = StageContext(adapter_for(model.config), torch.device("cpu"), 0, console, progress, Path("."),
+        ctx = StageContext(adapter_for(model.config), torch.device("cpu"), 0, console, progress,
                            lambda: CALIB, resume_dir=resume_dir)  # fmt: skip
         out = apply(model, config, ctx)
     return out

@@ -18,7 +18,7 @@ console = Console(stderr=True)
 config = GPTQConfig(bits=spec["bits"], group_size=spec["group_size"], symmetric=spec["sym"])  # act_order: static
 with Timer() as t, make_progress(console) as progress:
     model = load_model(Path(spec["model"]))
-    ctx = StageContext(adapter_for(model.config), torch.device("cpu"), 0, console, progress, Path("."),
+    ctx = StageContext(adapter_for(model.config), torch.device("cpu"), 0, console, progress,
                        lambda: spec["calibration"])  # fmt: skip
     result = apply(model, config, ctx)
 out = Path(spec["output"])

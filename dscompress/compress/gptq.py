@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from dscompress.compress.gptq_math import HessianAccumulator, gptq_quantize
 from dscompress.compress.quant import fake_quantize
 from dscompress.compress.rtn import DEFAULT_EXCLUDE, selected
+from dscompress.compress.rtn import check as rtn_check
 from dscompress.context import PassOutput, StageContext
 from dscompress.export.qstate import QuantState
 from dscompress.models.adapters import WeightTarget
@@ -61,10 +62,8 @@ class GPTQConfig(BaseModel):
         return value
 
 
-def check(config: GPTQConfig, targets: list[WeightTarget]) -> list[tuple[str, str]]:
-    from dscompress.compress import rtn
-
-    return rtn.check(config, targets)  # same rule: the group size must divide every quantized width
+# The same pre-flight rule as rtn: the group size must divide every quantized width.
+check = rtn_check
 
 
 KEEP_BYTES = 1 << 30  # activations the dense-block shortcut may keep instead of recomputing

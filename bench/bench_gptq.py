@@ -35,12 +35,12 @@ PEERS = {  # venv name -> (pip requirements, worker, output format read back by 
 }
 
 
-def ensure_venv(root: Path, name: str) -> Path:
+def ensure_venv(root: Path, name: str, requirements: list[str] | None = None) -> Path:
     python = root / name / "bin" / "python"
     if not python.exists():
         print(f"creating {root / name} (one time)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(root / name)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS[name][0]], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *(requirements or PEERS[name][0])], check=True)
     return python
 
 
@@ -48,7 +48,8 @@ def run_worker(python: Path, worker: str, spec: dict, work: Path) -> dict:
     job = work / f"{spec['tag']}.job.json"
     spec = {**spec, "result": str(work / f"{spec['tag']}.result.json")}
     job.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": f"{HERE / 'peers'}:{HERE.parent}", "HF_HUB_OFFLINE": "1"}
+    path = ":".join(p for p in (str(HERE / "peers"), str(HERE.parent), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
     proc = subprocess.run(
         [str(python), str(HERE / "peers" / worker), str(job)], env=env, capture_output=True, text=True, cwd=work

@@ -131,10 +131,14 @@ def plan(recipe: RecipeArg, as_json: Annotated[bool, typer.Option("--json")] = F
         out.print(f"{result['model']} ({result['architecture']}): {result['params']:,} params, "
                   f"{result['model_bytes'] / 1e6:.1f} MB as {parsed.model.dtype}")  # fmt: skip
         for s in result["stages"]:
-            out.print(f"  {s['dir']:<20} {s['pass']:<8} deployed {_mb(s['deployed_bytes'])}   "
-                      f"checkpoint {_mb(s['checkpoint_bytes'])}")  # fmt: skip
+            out.print(f"  {s['dir']:<20} {s['pass']:<8} {s['params']:>14,} params   "
+                      f"deployed {_mb(s['deployed_bytes'])}   checkpoint {_mb(s['checkpoint_bytes'])}")  # fmt: skip
         out.print(f"peak memory ~{_mb(result['peak_memory_bytes'])}, disk ~{_mb(result['disk_bytes'])}")
         out.print(f"[dim]{result['assumptions']}[/dim]")
+        if roof := result["roofline"]:
+            out.print(f"{roof['device']}: decode <= {roof['decode_tokens_per_s']:.1f} tokens/s "
+                      f"({_mb(roof['bytes_per_token'])} per token at {roof['bandwidth_gbs']} GB/s)")  # fmt: skip
+            out.print(f"[dim]{roof['assumptions']}[/dim]")
 
 
 def _mb(n: float) -> str:
@@ -162,24 +166,114 @@ def eval_(
 
 @app.command("export")
 def export_(
-    stage: Annotated[Path, typer.Argument(help="a quantized stage directory, e.g. out/run/latest")],
-    fmt: Annotated[str, typer.Option("--format", help="gptq | gptq_v2 | compressed-tensors")],
-    out_dir: Annotated[Path, typer.Option("--out", help="where to write the packed checkpoint")],
+    stage: Annotated[Path, typer.Argument(help="a stage directory, e.g. out/run/latest")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | onnx-ort | gptq | gptq_v2 | compressed-tensors")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where to write the export")],
     dtype: Annotated[
-        str, typer.Option(help="dtype of the unquantized tensors: float16 | bfloat16 | float32")
+        str, typer.Option(help="packed formats: dtype of the unquantized tensors: float16 | bfloat16 | float32")
     ] = "float16",
+    fp16: Annotated[bool, typer.Option("--fp16", help="onnx-ort: float16 weights and compute")] = False,
     debug: Debug = False,
 ) -> None:
-    """Pack a quantized stage as a GPTQ (v1/v2) or compressed-tensors checkpoint; no re-quantization."""
+    """Export a stage from its stored grid (never re-quantized): ONNX with KV cache, or a packed checkpoint."""
     from dscompress.errors import DscompressError
     from dscompress.export.formats import FORMATS, export
+    from dscompress.export.onnx_quant import TARGETS
     from dscompress.models.sources import DTYPES
 
     with handled(debug):
         _quiet_libraries()
+        if fmt in TARGETS:
+            from dscompress.export.stage_export import export_stage
+
+            meta = export_stage(stage, fmt, out_dir, fp16)
+            out.print(f"wrote {out_dir / 'model.onnx'} ({meta['quantization'] or 'float'})")
+            return
         if fmt not in FORMATS or dtype not in DTYPES:
-            raise DscompressError(f"--format {fmt!r} / --dtype {dtype!r}: allowed {FORMATS} / {tuple(DTYPES)}")
+            allowed = (*TARGETS, *FORMATS)
+            raise DscompressError(f"--format {fmt!r} / --dtype {dtype!r}: allowed {allowed} / {tuple(DTYPES)}")
         out.print(f"wrote {export(stage, out_dir, fmt, DTYPES[dtype])}")
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Option("--model", help="an exported ONNX directory or a stage directory")],
+    prompt: Annotated[str, typer.Option(help="the prompt text")] = "The capital of France is",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    debug: Debug = False,
+) -> None:
+    """Greedy generation with the KV cache: ONNX Runtime for an ONNX directory, torch for a checkpoint."""
+    from dscompress.export.benchmark import generate as run_generate
+
+    with handled(debug):
+        _quiet_libraries()
+        result = run_generate(model, prompt, max_new_tokens)
+        out.print(result["text"], highlight=False)
+        err.print(f"prefill {result['prefill_s'] * 1000:.1f} ms, decode {result['decode_ms_per_token']:.2f} ms/token")
+
+
+@app.command("bench")
+def bench_(
+    models_: Annotated[
+        list[Path], typer.Argument(metavar="MODEL...", help="ONNX directories and/or stage directories")
+    ],
+    prompt_len: Annotated[int, typer.Option(min=1)] = 128,
+    new_tokens: Annotated[int, typer.Option(min=2)] = 64,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    debug: Debug = False,
+) -> None:
+    """Prefill and decode latency, tokens/s, peak memory and size of each model, each in its own process."""
+    from dscompress.export.benchmark import bench
+
+    with handled(debug):
+        rows = bench(models_, prompt_len, new_tokens, repeats)
+        if as_json:
+            out.print_json(json.dumps(rows))
+            return
+        for r in rows:
+            out.print(
+                f"{r['model']:<50} {r['runtime']:<12} prefill {r['prefill_s'] * 1000:8.1f} ms  "
+                f"decode {r['decode_ms_per_token']:7.2f} ms/token ({r['decode_tokens_per_s']:6.1f} tok/s)  "
+                f"peak {r['peak_rss_bytes'] / 2**20:7.0f} MiB  size {r['model_bytes'] / 1e6:8.1f} MB"
+            )
+
+
+@app.command()
+def bundle(
+    stage: Annotated[Path, typer.Argument(help="a stage directory, e.g. out/run/latest")],
+    target: Annotated[
+        str, typer.Option(help="orin-agx-64gb | orin-agx-32gb | orin-nx-16gb | orin-nx-8gb | orin-nano-8gb | x86-gpu")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="the bundle directory")],
+    jetpack: Annotated[str | None, typer.Option(help="6.2 | 7.2 (Jetson targets)")] = None,
+    max_context: Annotated[int, typer.Option(min=16)] = 2048,
+    max_batch: Annotated[int, typer.Option(min=1)] = 1,
+    tar: Annotated[bool, typer.Option("--tar", help="also write <out>.tar.gz")] = False,
+    debug: Debug = False,
+) -> None:
+    """A deploy bundle: the ONNX model, tokenizer, build_engine.sh, run.py, verify.sh and manifest."""
+    from pydantic import ValidationError
+
+    from dscompress.calibrate.data import Corpus
+    from dscompress.errors import RecipeError
+    from dscompress.export.bundle import VERIFY_LEN, VERIFY_WINDOWS, make_bundle, stage_problems
+    from dscompress.models.sources import load_tokenizer
+    from dscompress.recipe import DataSpec, SplitSpec, TargetSpec
+
+    with handled(debug):
+        _quiet_libraries()
+        try:
+            spec = TargetSpec(device=target, jetpack=jetpack, max_context=max_context, max_batch=max_batch,
+                              opt_context=min(512, max_context))  # fmt: skip
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise RecipeError(f"--{'-'.join(map(str, first['loc'])) or 'target'}: {first['msg']}") from None
+        if problems := stage_problems(stage, spec):
+            raise RecipeError(problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        data = DataSpec(eval=SplitSpec(samples=VERIFY_WINDOWS, seq_len=VERIFY_LEN))
+        windows = Corpus(data, load_tokenizer(stage)).windows("eval")
+        out.print(f"wrote {make_bundle(stage, spec, out_dir, windows, tar)}")
 
 
 @app.command()

@@ -62,6 +62,7 @@ class StageContext:
     progress: Progress
     calibration: Callable[[], torch.Tensor]  # lazily built calibration windows, (N, T) int64
     resume_dir: Path | None = None  # survives a killed run (same stage key); removed once the stage is complete
+    gate: object | None = None  # the stage's recipe.Gate, for passes that search until it would hold (int8)
 
     def track(self, items: Iterable[T], description: str) -> Iterator[T]:
         return tracked(self.progress, items, description)
@@ -72,3 +73,5 @@ class PassOutput:
     model: torch.nn.Module
     quant: QuantState | None = None  # None: the input's quantization metadata (if any) carries over
     summary: dict = field(default_factory=dict)  # shown in the manifest and report
+    files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # extra safetensors for the stage dir
+    quant_invalidated: bool = False  # the input's quantization metadata no longer describes the model (pruning)

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from dscompress.calibrate.data import Corpus
 from dscompress.calibrate.metrics import BaselineRef, compute_baseline, evaluate
+from dscompress.compress.actquant import attach_saved
 from dscompress.context import make_progress, tracked
 from dscompress.models.adapters import adapter_for
 from dscompress.models.sources import load_model, load_tokenizer, resolve
@@ -43,6 +44,7 @@ def evaluate_models(
         if baseline:
             del ref_model
             candidate = load_model(target).to(device)
+            attach_saved(candidate, target)  # W8A8 stages evaluate with their int8 activations
             adapter_for(candidate.config)
             ref = BaselineRef(Path(scratch))
             metrics = evaluate(candidate, windows, ref, batch_size, device, track) | {

@@ -22,8 +22,12 @@ def model_problems(recipe: Recipe, located: LocatedYaml | None, info: ModelInfo)
             ))  # fmt: skip
     for i, stage in enumerate(recipe.stages):
         spec = spec_for(stage.pass_config)
-        for field, message in spec.check(stage.pass_config, info.targets):
+        for field, message in spec.check(stage.pass_config, info):
             problems.append((("stages", i, spec.key, field), message))
+    from dscompress.export.preflight import target_problems
+
+    if recipe.target is not None:
+        problems += target_problems(recipe, info, make_plan(recipe, info))
     lines = []
     for loc, message in problems:
         where = located.where(loc) if located else "recipe"
@@ -49,6 +53,17 @@ def _quant_bytes(n_params: int, bits: int, group_size: int, in_features: int) ->
     return n_params * bits / 8 + n_params / group * (2 + bits / 8)
 
 
+def _pruned_info(info: ModelInfo, cfg) -> ModelInfo:
+    """The model after a prune stage. Depth pruning of an MoE model counts the last layers as the removed ones
+    (which layers go is decided by calibration)."""
+    from dscompress.compress.prune import pruned_config
+    from dscompress.models.info import inspect_config
+
+    layers = info.config.get_text_config().num_hidden_layers
+    keep = cfg.depth.keep(layers) if cfg.depth else layers
+    return inspect_config(pruned_config(info.config, info.adapter, cfg, list(range(keep))))
+
+
 def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
     """Predicted sizes before any compute. Memory is a peak estimate for the largest step, not a bound."""
     dtype_bytes = DTYPE_BYTES[recipe.model.dtype]
@@ -59,6 +74,9 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
     stages, deployed = [], model_bytes
     for i, stage in enumerate(recipe.stages, start=1):
         cfg = stage.pass_config
+        if spec_for(cfg).key == "prune":
+            info = _pruned_info(info, cfg)
+            model_bytes = deployed = info.n_params * dtype_bytes
         row = {"dir": f"{i}-{stage.label}", "pass": spec_for(cfg).key, "params": info.n_params}
         if hasattr(cfg, "bits"):
             from dscompress.compress.rtn import selected
@@ -74,7 +92,9 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
             row["checkpoint_bytes"] = model_bytes
         row["deployed_bytes"] = int(deployed)
         stages.append(row)
-    return {
+    from dscompress.export.preflight import roofline
+
+    result = {
         "model": recipe.model.path,
         "architecture": info.adapter.model_type,
         "params": info.n_params,
@@ -87,3 +107,5 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
         "peak memory = two model copies (load + save) + two batches of logits (stage and baseline) "
         "+ about 1 GB for torch and transformers themselves",
     }
+    result["roofline"] = roofline(recipe, info, result)
+    return result

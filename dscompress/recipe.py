@@ -20,6 +20,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dscompress.compress.gptq import GPTQConfig
+from dscompress.compress.int8 import Int8Config
+from dscompress.compress.prune import PruneConfig
 from dscompress.compress.rtn import RTNConfig
 from dscompress.errors import RecipeError
 from dscompress.yamlpaths import Loc, LocatedYaml, format_loc, load_located
@@ -94,7 +96,26 @@ class Gate(Strict):
         return self
 
 
-PASS_KEYS = ("rtn", "gptq")  # must equal the registry's keys; tests/test_recipe.py checks it
+class OnnxParity(Strict):
+    """How far the exported model may drift from the torch stage, on the evaluation windows."""
+
+    max_perplexity_diff_pct: float = Field(0.5, ge=0, description="|ppl_onnx / ppl_torch - 1|, in percent")
+    max_kl_diff: float = Field(0.002, ge=0, description="|KL_onnx - KL_torch| to the baseline, nats/token")
+    max_top1_diff: float = Field(0.01, ge=0, description="|top1_onnx - top1_torch|")
+    greedy_prompts: int = Field(4, ge=0, description="unquantized stages: prompts whose greedy tokens must match")
+    greedy_tokens: int = Field(16, ge=1, description="tokens generated per prompt for that check")
+
+
+class OnnxSpec(Strict):
+    targets: list[Literal["onnx", "onnx-ort"]] = Field(
+        default_factory=lambda: ["onnx"],
+        description="onnx: standard operators, TensorRT Q/DQ rules; onnx-ort: MatMulNBits INT4 for ONNX Runtime",
+    )
+    fp16: bool = Field(False, description="onnx-ort only: float16 weights and compute")
+    parity: OnnxParity = Field(default_factory=OnnxParity)
+
+
+PASS_KEYS = ("rtn", "gptq", "int8", "prune")  # must equal the registry's keys; tests/test_recipe.py checks it
 QUANTIZING_PASSES = ("rtn", "gptq")  # passes that leave quantization metadata, so they can be packed
 
 
@@ -102,7 +123,10 @@ class Stage(Strict):
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]*$", description="defaults to the pass key")
     rtn: RTNConfig | None = None
     gptq: GPTQConfig | None = None
+    int8: Int8Config | None = None
+    prune: PruneConfig | None = None
     gate: Gate | None = None
+    onnx: OnnxSpec | None = Field(None, description="export to ONNX and gate the stage on ONNX Runtime parity")
     save_formats: list[Literal["gptq", "gptq_v2", "compressed-tensors"]] = Field(
         default_factory=list,
         description="also write packed checkpoints of a quantized stage into <stage>/packed/<format>/",
@@ -115,6 +139,11 @@ class Stage(Strict):
             raise ValueError(f"a stage takes exactly one pass, got {given or 'none'}; allowed: {', '.join(PASS_KEYS)}")
         if self.save_formats and given[0] not in QUANTIZING_PASSES:
             raise ValueError(f"save_formats needs a quantizing pass ({', '.join(QUANTIZING_PASSES)}), not {given[0]!r}")
+        if self.int8 is not None and self.int8.fallback == "auto" and self.gate is None:
+            raise ValueError(
+                "int8 fallback: auto keeps the most sensitive activations in 16/32-bit until the stage gate holds, "
+                "and this stage has no gate; add a gate, or set int8.fallback: none"
+            )
         return self
 
     @property
@@ -130,6 +159,30 @@ class Stage(Strict):
         return self.name or self.pass_key
 
 
+class TargetSpec(Strict):
+    """Where the result is deployed; checked before any compute (docs/DEPLOY.md)."""
+
+    device: Literal["orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nx-8gb", "orin-nano-8gb", "x86-gpu"]
+    jetpack: Literal["6.2", "7.2"] | None = Field(None, description="required for Jetson devices")
+    max_batch: int = Field(1, ge=1, le=64, description="largest batch the engine is built for")
+    max_context: int = Field(2048, ge=16, description="largest past + new tokens the engine is built for")
+    opt_context: int = Field(512, ge=1, description="the context TensorRT tunes its kernels for")
+    opset: int = Field(21, ge=17, le=23, description="ONNX opset of the exported graph")
+    workspace_mib: int = Field(2048, ge=64, description="TensorRT builder workspace limit")
+    builder_optimization_level: int = Field(3, ge=0, le=5)
+
+    @model_validator(mode="after")
+    def _jetpack_matches_device(self):
+        jetson = self.device.startswith("orin")
+        if jetson and self.jetpack is None:
+            raise ValueError(f"{self.device} needs jetpack: engines are built per JetPack; allowed: '6.2', '7.2'")
+        if not jetson and self.jetpack is not None:
+            raise ValueError("jetpack applies to Jetson devices only; remove it for x86-gpu")
+        if self.opt_context > self.max_context:
+            raise ValueError(f"opt_context {self.opt_context} is above max_context {self.max_context}")
+        return self
+
+
 class Recipe(Strict):
     version: Literal[1] = 1
     model: ModelSpec
@@ -138,6 +191,7 @@ class Recipe(Strict):
     output_dir: str = Field("out", description="relative paths resolve against the working directory")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    target: TargetSpec | None = Field(None, description="deployment target, checked before any compute")
 
 
 def _allowed_fields(loc: Loc) -> list[str]:

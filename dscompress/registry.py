@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from dscompress.compress import gptq, rtn
+from dscompress.compress import gptq, int8, prune, rtn
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class PassSpec:
     key: str  # the stage's YAML key
     config: type[BaseModel]
     apply: Callable  # (model, config, StageContext) -> PassOutput
-    check: Callable  # (config, list[WeightTarget]) -> list[(field, message)], before any compute
+    check: Callable  # (config, ModelInfo) -> list[(field, message)], before any compute
     summary: str
     needs: frozenset[str] = frozenset()  # data splits besides eval: "calibration", "train"
 
@@ -25,6 +25,22 @@ REGISTRY: dict[type[BaseModel], PassSpec] = {
     rtn.RTNConfig: PassSpec("rtn", rtn.RTNConfig, rtn.apply, rtn.check, "weight-only round-to-nearest"),
     gptq.GPTQConfig: PassSpec(
         "gptq", gptq.GPTQConfig, gptq.apply, gptq.check, "GPTQ weight-only, layer by layer", frozenset({"calibration"})
+    ),
+    int8.Int8Config: PassSpec(
+        "int8",
+        int8.Int8Config,
+        int8.apply,
+        int8.check,
+        "W8A8: KL-calibrated static int8 activations, SmoothQuant",
+        frozenset({"calibration"}),
+    ),
+    prune.PruneConfig: PassSpec(
+        "prune",
+        prune.PruneConfig,
+        prune.apply,
+        prune.check,
+        "structured pruning: MLP channels, heads, depth",
+        frozenset({"calibration"}),
     ),
 }
 

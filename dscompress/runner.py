@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from safetensors.torch import save_file
 
 from dscompress import __version__
 from dscompress.atomic import (
@@ -38,10 +39,12 @@ from dscompress.atomic import (
 )
 from dscompress.calibrate.data import Corpus
 from dscompress.calibrate.metrics import BASELINE_FILE, BaselineRef, compute_baseline, evaluate
+from dscompress.compress.actquant import attach_saved, detach
 from dscompress.context import StageContext, make_progress, spinner, tracked
 from dscompress.errors import GateFailed, OutputPathError, RunLocked
 from dscompress.export.formats import export as export_packed
-from dscompress.export.qstate import QUANT_JSON, QUANT_TENSORS, QuantState
+from dscompress.export.qstate import QUANT_JSON, QUANT_TENSORS
+from dscompress.export.stage_export import export_stage, parity
 from dscompress.gates import check_gate
 from dscompress.models.adapters import adapter_for
 from dscompress.models.info import inspect_model
@@ -137,6 +140,8 @@ class StageRecord:
     summary: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     size_bytes: int = 0
+    onnx: dict = field(default_factory=dict)  # target -> ONNX Runtime metrics and what was quantized
+    parity: list = field(default_factory=list)  # verdicts of the exported model against the torch stage
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -206,6 +211,7 @@ class Runner:
             record = self._stage(index, stage, current)
             record.verdicts = [v.as_dict() for v in check_gate(stage.gate, record.metrics, baseline, previous)] \
                 if stage.gate else []  # fmt: skip
+            record.verdicts += record.parity
             if all(v["passed"] for v in record.verdicts):
                 record.status = "passed"
                 current, previous = self.out / record.dir, record.metrics
@@ -213,7 +219,7 @@ class Runner:
                 point_latest(self.out, record.dir)
                 continue
             failed = "; ".join(v["detail"] for v in record.verdicts if not v["passed"])
-            if stage.gate.on_fail == "skip":
+            if stage.gate and stage.gate.on_fail == "skip":
                 record.status = "skipped"
                 self.console.print(f"[yellow]gate failed, stage skipped[/yellow] {record.dir}: {failed}")
                 continue
@@ -266,7 +272,10 @@ class Runner:
         spec = spec_for(stage.pass_config)
         final = self.out / f"{index}-{stage.label}"
         input_hash = read_json(input_dir / MANIFEST)["artifact_hash"]
-        key = self._key({"pass": spec.key, "config": stage.pass_config.model_dump(mode="json")}, input_hash)
+        key = self._key({
+            "pass": spec.key, "config": stage.pass_config.model_dump(mode="json"), "save_formats": stage.save_formats,
+            "onnx": stage.onnx.model_dump(mode="json") if stage.onnx else None,
+        }, input_hash)  # fmt: skip
         record = StageRecord(index, final.name, spec.key)
         self.records.append(record)
         if manifest := self._reusable(final, key):
@@ -278,14 +287,17 @@ class Runner:
             t0 = time.perf_counter()
             with spinner(progress, f"loading {input_dir.name}"):
                 model = load_model(input_dir, self.recipe.model.dtype, self.recipe.model.trust_remote_code)
+                attach_saved(model, input_dir)  # a W8A8 input keeps its activation quantization
             ctx = StageContext(
                 adapter=adapter_for(model.config), device=self.device, seed=self.recipe.seed + index,
                 console=self.console, progress=progress,
-                calibration=lambda: self.corpus.windows("calibration"), resume_dir=resume,
+                calibration=lambda: self.corpus.windows("calibration"), resume_dir=resume, gate=stage.gate,
             )  # fmt: skip
             torch.manual_seed(ctx.seed)
             t1 = time.perf_counter()
             result = spec.apply(model, stage.pass_config, ctx)
+            if result.quant_invalidated or (result.quant is not None and not result.quant.activations):
+                detach(result.model)  # new weight-only metadata replaces the input's W8A8
             t2 = time.perf_counter()
             model = result.model.to(self.device).eval()
             record.metrics = evaluate(
@@ -293,9 +305,11 @@ class Runner:
                 partial(tracked, progress),
             )  # fmt: skip
             t3 = time.perf_counter()
-            self._save_artifact(model.cpu(), result.quant, input_dir, tmp)
+            self._save_artifact(model.cpu(), result, input_dir, tmp)
             for fmt in stage.save_formats:
                 export_packed(tmp, tmp / "packed" / fmt, fmt)
+            if stage.onnx:
+                record.onnx, record.parity = self._export_onnx(stage, tmp, record.metrics, progress)
             record.summary = result.summary
             record.timings = {
                 "load_s": t1 - t0, "pass_s": t2 - t1, "eval_s": t3 - t2,
@@ -314,6 +328,21 @@ class Runner:
         record.size_bytes = _dir_size(final)
         return record
 
+    def _export_onnx(self, stage: Stage, tmp: Path, metrics: dict, progress) -> tuple[dict, list]:
+        """Each ONNX target of the stage, exported and measured through ONNX Runtime; parity verdicts."""
+        results, verdicts = {}, []
+        for target in stage.onnx.targets:
+            with spinner(progress, f"exporting {target} and running it in ONNX Runtime"):
+                meta = export_stage(tmp, target, tmp / "onnx" / target, stage.onnx.fp16)
+                ort_metrics, found = parity(
+                    tmp, tmp / "onnx" / target, self.corpus.windows("eval"), self.ref, metrics, stage.onnx.parity,
+                    self.recipe.data.batch_size,
+                )  # fmt: skip
+            results[target] = {"metrics": ort_metrics, "quantization": meta["quantization"],
+                               "tensorrt_rules": meta["tensorrt_rules"]}  # fmt: skip
+            verdicts += [v.as_dict() for v in found]
+        return results, verdicts
+
     def _resume_dir(self, stage_dir: str, key: str) -> Path:
         """out/.resume/<stage>-<key>: partial work a pass may checkpoint; other keys' leftovers are deleted."""
         root = self.out / ".resume"
@@ -324,14 +353,17 @@ class Runner:
         current.mkdir(parents=True, exist_ok=True)
         return current
 
-    def _save_artifact(self, model, quant: QuantState | None, input_dir: Path, tmp: Path) -> None:
+    def _save_artifact(self, model, result, input_dir: Path, tmp: Path) -> None:
         model.save_pretrained(tmp)
         for f in sorted(input_dir.iterdir()):
-            if f.is_file() and f.name not in OWN_FILES and not f.name.startswith("model"):
+            own = f.name in OWN_FILES or f.name in result.files or f.name.startswith("model")
+            if f.is_file() and not own:
                 link_or_copy(f, tmp / f.name)
-        if quant is not None:
-            quant.save(tmp)
-        elif (input_dir / QUANT_JSON).exists():
+        for name, tensors in result.files.items():
+            save_file(tensors, str(tmp / name))
+        if result.quant is not None:
+            result.quant.save(tmp)
+        elif (input_dir / QUANT_JSON).exists() and not result.quant_invalidated:
             for name in (QUANT_JSON, QUANT_TENSORS):
                 link_or_copy(input_dir / name, tmp / name)
 
@@ -339,12 +371,14 @@ class Runner:
         atomic_write_json(tmp / MANIFEST, {
             "stage": record.dir, "pass": record.pass_key, "key": key, "input_artifact_hash": input_hash,
             "artifact_hash": artifact_hash(tmp), "metrics": record.metrics, "summary": record.summary,
-            "timings": record.timings, "seed": self.recipe.seed, "versions": versions(), **extra,
+            "timings": record.timings, "seed": self.recipe.seed, "versions": versions(), "onnx": record.onnx,
+            "parity": record.parity, **extra,
         })  # fmt: skip
 
     def _restore(self, record: StageRecord, manifest: dict, directory: Path) -> Path:
         record.reused = True
         record.metrics, record.summary = manifest["metrics"], manifest.get("summary", {})
+        record.onnx, record.parity = manifest.get("onnx", {}), manifest.get("parity", [])
         record.timings = manifest.get("timings", {})
         record.size_bytes = _dir_size(directory)
         self.console.print(f"[dim]stage {directory.name}: unchanged, reused[/dim]")

@@ -8,11 +8,13 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import REPO, cli, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dscompress.atomic import tree_hashes
 from dscompress.errors import EXIT_GATE_FAILED
+from dscompress.models.sources import load_model, load_tokenizer, resolve
 
 pytestmark = pytest.mark.slow
 SMALL = """
@@ -182,3 +184,62 @@ def test_a_gguf_file_path_is_dequantized_once_and_cached():
     mtime = (first / "model.safetensors").stat().st_mtime
     assert resolve(str(gguf)).directory == first and (first / "model.safetensors").stat().st_mtime == mtime
     assert load_config(first).model_type == "llama"
+
+
+def test_shipped_w8a8_recipe_holds_2_percent_with_its_int8_share_stated(tmp_path):
+    """KL-calibrated W8A8 with SmoothQuant and fallback, exported as TensorRT-style Q/DQ ONNX and gated on it."""
+    result = cli("run", "recipes/smollm2-w8a8.yaml", "--out", str(tmp_path / "out"), timeout=1800)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    base, stage = report["stages"][0]["metrics"], report["stages"][1]
+    assert stage["metrics"]["perplexity"] <= 1.02 * base["perplexity"]
+    share = stage["summary"]["w8a8_linear_flops_share"]
+    assert 0.4 < share < 0.79 and stage["summary"]["fallback_sites"]
+    assert stage["onnx"]["onnx"]["tensorrt_rules"] == "passed" and all(v["passed"] for v in stage["verdicts"])
+    _check_bundle(tmp_path / "out" / "latest", tmp_path / "bundle-int8", "orin-nx-16gb", "6.2")
+
+
+def _check_bundle(stage, out, target: str, jetpack: str | None) -> None:
+    """A deploy bundle of a real stage: files, engine flags, manifest, and its runner passing through ORT."""
+    extra = ["--jetpack", jetpack] if jetpack else []
+    result = cli("bundle", str(stage), "--target", target, *extra, "--out", str(out), timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert {"model.onnx", "tokenizer.json", "build_engine.sh", "run.py", "verify.sh", "manifest.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    script = (out / "build_engine.sh").read_text()
+    assert "--stronglyTyped" in script and "past.29.value:1x3x2047x64" in script  # 30 layers, 3 KV heads of 64
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"]["device"] == target and manifest["verify"]["expected_perplexity"] > 1
+    verified = subprocess.run(
+        [sys.executable, str(out / "run.py"), "--backend", "ort", "--verify"], capture_output=True, text=True
+    )
+    assert verified.returncode == 0 and verified.stdout.startswith("PASS"), verified.stdout + verified.stderr
+
+
+def test_smollm2_int4_bundle_for_a_discrete_gpu(tmp_path):
+    """INT4 g64 symmetric: Orin refuses group 64 (and 576 is no multiple of 128), an x86 GPU takes it."""
+    recipe = write_recipe(tmp_path / "r.yaml", (
+        "model: {path: bundled:smollm2-135m-instruct}\n"
+        "stages:\n  - rtn: {bits: 4, group_size: 64, symmetric: true}\n"
+        "    gate: {perplexity: {max_increase_pct: 40}}\n"
+    ))  # fmt: skip
+    assert cli("run", str(recipe), "--out", str(tmp_path / "out"), timeout=900).returncode == 0
+    stage = tmp_path / "out" / "latest"
+    refused = cli("bundle", str(stage), "--target", "orin-agx-64gb", "--jetpack", "6.2", "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "INT4 group 64 does not run on orin-agx-64gb" in refused.stderr
+    _check_bundle(stage, tmp_path / "bundle-int4", "x86-gpu", None)
+
+
+def test_smollm2_fp32_onnx_matches_torch_with_kv_cache(tmp_path):
+    from dscompress.export.ort_runner import OrtLM, torch_greedy
+    from dscompress.export.stage_export import export_stage
+
+    source = resolve("bundled:smollm2-135m-instruct").directory
+    export_stage(source, "onnx", tmp_path / "onnx")
+    lm, model = OrtLM(tmp_path / "onnx"), load_model(source).eval()
+    ids = torch.tensor(load_tokenizer(source)("The capital of France is Paris. The capital of Italy is")["input_ids"])
+    with torch.no_grad():
+        assert float((lm.logits(ids[None]) - model(ids[None]).logits).abs().max()) < 1e-4
+    tokens, _ = lm.greedy(ids, 12)
+    assert tokens == torch_greedy(model, ids, 12)

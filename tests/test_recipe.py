@@ -37,7 +37,7 @@ def test_pass_keys_match_registry():
 def test_unknown_key_names_path_line_allowed_and_fix(tmp_path):
     msg = error_of(tmp_path, BASE.replace("bits: 4", "bits: 4, group_sise: 64"))
     assert "r.yaml:3: stages[0].rtn.group_sise: unknown key" in msg
-    assert "allowed: bits, group_size, symmetric, exclude" in msg and "did you mean 'group_size'" in msg
+    assert "allowed: exclude, bits, group_size, symmetric" in msg and "did you mean 'group_size'" in msg
 
 
 def test_bad_value_lists_allowed(tmp_path):

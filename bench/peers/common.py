@@ -2,6 +2,7 @@
 imports nothing from dscompress."""
 
 import json
+import math
 import resource
 import sys
 import time
@@ -49,3 +50,25 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def score(model_logits, spec: dict) -> dict:
+    """Perplexity, KL to the fp32 baseline and top-1 agreement on the evaluation windows, one window at a time.
+
+    `model_logits(ids (1, T)) -> logits (1, T, V)`. The baseline's log-probs come from the bench's
+    baseline_logprobs.safetensors (float16 shifted log-probs, renormalized here as dscompress does).
+    """
+    from safetensors import safe_open
+
+    base = safe_open(spec["baseline"], framework="pt")
+    nll = kl = 0.0
+    agree = count = 0
+    with torch.no_grad():
+        for i, row in enumerate(spec["eval"]):
+            logp = torch.log_softmax(model_logits(row.unsqueeze(0))[0, :-1].float(), -1)
+            ref = torch.log_softmax(base.get_slice("logp_shifted")[i : i + 1].float()[0], -1)
+            nll += float(-logp.gather(-1, row[1:].unsqueeze(-1)).double().sum())
+            kl += float((ref.exp() * (ref - logp)).sum(-1, dtype=torch.float64).clamp_min(0).sum())
+            agree += int((logp.argmax(-1) == base.get_slice("top1")[i : i + 1][0].long()).sum())
+            count += row.numel() - 1
+    return {"perplexity": math.exp(nll / count), "kl": kl / count, "top1": agree / count}

@@ -18,28 +18,25 @@ from the quantized weights directly (`_quantize_dense_layer`).
 from __future__ import annotations
 
 import contextlib
-import re
 import resource
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from dscompress.compress.gptq_math import HessianAccumulator, gptq_quantize
 from dscompress.compress.quant import fake_quantize
-from dscompress.compress.rtn import DEFAULT_EXCLUDE, selected
+from dscompress.compress.rtn import WithExclude, selected
 from dscompress.compress.rtn import check as rtn_check
 from dscompress.context import PassOutput, StageContext
 from dscompress.export.qstate import QuantState
 from dscompress.models.adapters import WeightTarget
 
 
-class GPTQConfig(BaseModel):
+class GPTQConfig(WithExclude):
     """`gptq:` stage. Example: `{bits: 4, group_size: 64, symmetric: false, act_order: true}`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     bits: Literal[2, 3, 4, 8] = Field(4, description="bits per weight")
     group_size: Literal[-1, 32, 64, 128] = Field(128, description="columns per scale; -1 = per output channel")
@@ -52,14 +49,6 @@ class GPTQConfig(BaseModel):
     true_sequential: bool = Field(True, description="re-collect inputs after each quantized group of a layer")
     batch_size: int = Field(8, ge=1, description="calibration windows per forward pass")
     moe_min_tokens: int = Field(16, ge=1, description="fewer routed tokens than this: the expert gets RTN")
-    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE), description="regexes left in float")
-
-    @field_validator("exclude")
-    @classmethod
-    def _regexes_compile(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            re.compile(pattern)
-        return value
 
 
 # The same pre-flight rule as rtn: the group size must divide every quantized width.

@@ -20,16 +20,11 @@ from dscompress.models.adapters import WeightTarget
 DEFAULT_EXCLUDE = [r"(^|\.)lm_head$", r"embed_tokens"]
 
 
-class RTNConfig(BaseModel):
-    """`rtn:` stage. Example: `{bits: 4, group_size: 64, symmetric: false}`."""
+class WithExclude(BaseModel):
+    """The `exclude` field every quantizing pass shares: regexes (re.search) on module paths left in float."""
 
     model_config = ConfigDict(extra="forbid")
 
-    bits: Literal[2, 3, 4, 8] = Field(4, description="bits per weight")
-    group_size: Literal[-1, 32, 64, 128] = Field(
-        128, description="weights sharing one scale along in_features; -1 = one per output channel"
-    )
-    symmetric: bool = Field(True, description="symmetric grid (zero point 2**(bits-1)) or asymmetric")
     exclude: list[str] = Field(
         default_factory=lambda: list(DEFAULT_EXCLUDE),
         description="regexes (re.search) on module paths left in float; default: embeddings and lm_head",
@@ -38,12 +33,27 @@ class RTNConfig(BaseModel):
     @field_validator("exclude")
     @classmethod
     def _regexes_compile(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
-        return value
+        return check_regexes(value)
+
+
+class RTNConfig(WithExclude):
+    """`rtn:` stage. Example: `{bits: 4, group_size: 64, symmetric: false}`."""
+
+    bits: Literal[2, 3, 4, 8] = Field(4, description="bits per weight")
+    group_size: Literal[-1, 32, 64, 128] = Field(
+        128, description="weights sharing one scale along in_features; -1 = one per output channel"
+    )
+    symmetric: bool = Field(True, description="symmetric grid (zero point 2**(bits-1)) or asymmetric")
+
+
+def check_regexes(value: list[str]) -> list[str]:
+    """Every pattern compiles; otherwise a ValueError (a one-line recipe error) naming it."""
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
+    return value
 
 
 def selected(targets: list[WeightTarget], exclude: list[str]) -> list[WeightTarget]:
@@ -51,8 +61,9 @@ def selected(targets: list[WeightTarget], exclude: list[str]) -> list[WeightTarg
     return [t for t in targets if not any(p.search(t.name) for p in patterns)]
 
 
-def check(config: RTNConfig, targets: list[WeightTarget]) -> list[tuple[str, str]]:
+def check(config: RTNConfig, info) -> list[tuple[str, str]]:
     """Model-dependent problems as (field, message); used by `validate` before any compute."""
+    targets = info.targets
     if config.group_size == -1:
         return []
     widths = sorted({t.in_features for t in selected(targets, config.exclude)})

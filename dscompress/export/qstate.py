@@ -31,6 +31,9 @@ class QuantState:
     symmetric: bool
     targets: dict[str, dict] = field(default_factory=dict)  # name -> {"kind", "shape"}
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # "<name>.scale" / "<name>.zero"
+    # W8A8 stages: Linear name -> {"precision": "int8" | "float", "site", "threshold", "sensitivity"}; int8 ones
+    # have a "<name>.input_scale" tensor (float32 scalar, symmetric, zero point 0).
+    activations: dict[str, dict] = field(default_factory=dict)
 
     def add(self, name: str, kind: str, shape, scale: torch.Tensor, zero: torch.Tensor) -> None:
         self.targets[name] = {"kind": kind, "shape": list(shape)}
@@ -52,6 +55,9 @@ class QuantState:
             "convention": "w = (q - zero) * scale, q unsigned in [0, 2**bits - 1], groups along in_features",
             "targets": self.targets,
         }
+        if self.activations:
+            meta["activations"] = self.activations
+            meta["activation_convention"] = "x_q = clamp(round(x / input_scale), -128, 127), zero point 0"
         (directory / QUANT_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         save_file(self.tensors, str(directory / QUANT_TENSORS), metadata={"format": "dscompress-qstate"})
 
@@ -61,4 +67,7 @@ class QuantState:
             return None
         meta = json.loads((directory / QUANT_JSON).read_text())
         tensors = load_file(str(directory / QUANT_TENSORS))
-        return cls(meta["method"], meta["bits"], meta["group_size"], meta["symmetric"], meta["targets"], tensors)
+        return cls(
+            meta["method"], meta["bits"], meta["group_size"], meta["symmetric"], meta["targets"], tensors,
+            meta.get("activations", {}),
+        )  # fmt: skip

@@ -59,6 +59,7 @@ class ArchAdapter:
     final_norm_path: str = "model.norm"
     lm_head_path: str = "lm_head"
     attn_path: str = "self_attn"
+    input_norm_path: str = "input_layernorm"  # the norm in front of attention
     post_attn_norm_path: str = "post_attention_layernorm"  # pre-norm blocks: out = h + mlp(norm(h))
     mlp_path: str = "mlp"
     experts_path: str = "mlp.experts"

@@ -27,9 +27,13 @@ class ModelInfo:
 
 
 def inspect_model(directory: Path, trust_remote_code: bool = False) -> ModelInfo:
+    return inspect_config(load_config(directory, trust_remote_code), trust_remote_code)
+
+
+def inspect_config(config, trust_remote_code: bool = False) -> ModelInfo:
+    """ModelInfo of the model `config` describes (a pruned config, for `plan`)."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(directory, trust_remote_code)
     adapter = adapter_for(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

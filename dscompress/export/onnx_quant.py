@@ -1,0 +1,202 @@
+"""Rewrite an exported float graph into its quantized form, from the stage's stored grid and scales.
+
+The float export holds each Linear's dequantized weight as a transposed (in, out) initializer feeding a MatMul.
+Because the stored weights sit exactly on their grid, each initializer is matched to its Linear by content, and
+its integer codes come back exactly from quantization.safetensors (nothing is re-quantized).
+
+Targets:
+- `onnx` (standard operators, TensorRT's explicit-quantization rules, ../shared/REFERENCE.md section 4):
+  - int8 weights: int8 initializer + DequantizeLinear, per output channel (axis 1 of the (in, out) weight),
+    zero point 0;
+  - int8 activations: QuantizeLinear -> DequantizeLinear on the MatMul input, per tensor, zero point 0, with the
+    stage's calibrated scale; Linears whose activations fell back keep a float input (W8A16);
+  - int4 weights: INT4 initializer + DequantizeLinear with `block_size` (opset 21), symmetric only (TensorRT
+    needs zero points of 0).
+- `onnx-ort`: int4 weights become com.microsoft MatMulNBits (asymmetric zero points supported); int8 as `onnx`.
+Routed-expert weights stay as their dequantized float values (exact, not smaller).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from dscompress.export.onnx import ExportError
+from dscompress.export.qstate import QuantState
+
+TARGETS = ("onnx", "onnx-ort")
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def linear_weights(model: torch.nn.Module, quant: QuantState) -> dict[str, tuple[str, torch.Tensor]]:
+    """{digest of W.T as float32: (Linear name, W (out, in))} for every quantized Linear."""
+    found = {}
+    for name, meta in quant.targets.items():
+        if meta["kind"] != "linear":
+            continue
+        weight = model.get_submodule(name).weight.detach().float().cpu()
+        found[_digest(weight.T.numpy())] = (name, weight)
+    return found
+
+
+class Rewriter:
+    def __init__(self, graph: onnx.GraphProto, quant: QuantState, target: str):
+        self.graph, self.quant, self.target = graph, quant, target
+        self.inits = {i.name: i for i in graph.initializer}
+        self.new_nodes: list[onnx.NodeProto] = []
+        self.act_qdq: dict[tuple[str, float], str] = {}  # (tensor, scale) -> dequantized tensor name
+        self.counts = {"int8_weights": 0, "int8_activations": 0, "int4_dq": 0, "matmulnbits": 0, "float_matmuls": 0}
+
+    def add_init(self, name: str, array: np.ndarray, data_type: int | None = None) -> str:
+        if data_type is None:
+            tensor = numpy_helper.from_array(array, name)
+        else:  # int4 / uint4: onnx packs two per byte from the flat values
+            tensor = helper.make_tensor(name, data_type, array.shape, array.flatten().tolist())
+        self.graph.initializer.append(tensor)
+        return name
+
+    def activation(self, tensor: str, scale: float) -> str:
+        key = (tensor, scale)
+        if key not in self.act_qdq:
+            base = f"{tensor}_q{len(self.act_qdq)}"
+            s = self.add_init(f"{base}.scale", np.array(scale, dtype=np.float32))
+            z = self.add_init(f"{base}.zero_point", np.array(0, dtype=np.int8))
+            self.new_nodes += [
+                helper.make_node("QuantizeLinear", [tensor, s, z], [f"{base}.int8"], name=f"{base}/Q"),
+                helper.make_node("DequantizeLinear", [f"{base}.int8", s, z], [f"{base}.dq"], name=f"{base}/DQ"),
+            ]
+            self.act_qdq[key] = f"{base}.dq"
+            self.counts["int8_activations"] += 1
+        return self.act_qdq[key]
+
+    def int8_weight(self, name: str, weight: torch.Tensor, prefix: str) -> str:
+        codes = self.quant.codes(name, weight).to(torch.int16) - 128  # unsigned storage -> signed, zero 0
+        scale = self.quant.tensors[f"{name}.scale"].reshape(-1).numpy().astype(np.float32)
+        q = self.add_init(f"{prefix}.int8", codes.T.contiguous().numpy().astype(np.int8))
+        s = self.add_init(f"{prefix}.scale", scale)
+        z = self.add_init(f"{prefix}.zero_point", np.zeros_like(scale, dtype=np.int8))
+        self.new_nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [f"{prefix}.dq"], axis=1))
+        self.counts["int8_weights"] += 1
+        return f"{prefix}.dq"
+
+    def int4_weight(self, name: str, weight: torch.Tensor, prefix: str) -> str:
+        q = self.quant
+        if not q.symmetric:
+            raise ExportError(
+                f"{name}: asymmetric INT4 has nonzero zero points, which TensorRT's DequantizeLinear rejects; "
+                "use the onnx-ort target, or quantize with symmetric: true"
+            )
+        group = weight.shape[1] if q.group_size == -1 else q.group_size
+        codes = (q.codes(name, weight).to(torch.int16) - 8).T.contiguous().numpy()  # (in, out) signed int4
+        scale = q.tensors[f"{name}.scale"].T.contiguous().numpy().astype(np.float32)  # (groups, out)
+        w = self.add_init(f"{prefix}.int4", codes, TensorProto.INT4)
+        s = self.add_init(f"{prefix}.scale", scale)
+        self.new_nodes.append(helper.make_node("DequantizeLinear", [w, s], [f"{prefix}.dq"], axis=0, block_size=group))
+        self.counts["int4_dq"] += 1
+        return f"{prefix}.dq"
+
+    def matmul_nbits(self, node: onnx.NodeProto, name: str, weight: torch.Tensor, prefix: str) -> onnx.NodeProto:
+        q = self.quant
+        n, k = weight.shape
+        block = k if q.group_size == -1 else q.group_size
+        if block < 16 or block & (block - 1):
+            raise ExportError(f"{name}: MatMulNBits needs a power-of-two block of at least 16, got {block}")
+        codes = q.codes(name, weight).reshape(n, k // block, block).numpy().astype(np.uint8)
+        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # low nibble first
+        inputs = [
+            node.input[0],
+            self.add_init(f"{prefix}.B", packed),
+            self.add_init(f"{prefix}.scales", q.tensors[f"{name}.scale"].reshape(-1).numpy().astype(np.float32)),
+        ]
+        if not q.symmetric:
+            zero = q.tensors[f"{name}.zero"].numpy().astype(np.uint8)  # (n, blocks)
+            if zero.shape[1] % 2:
+                zero = np.concatenate([zero, np.full((n, 1), 8, np.uint8)], axis=1)
+            inputs.append(self.add_init(f"{prefix}.zero_points", (zero[:, 0::2] | (zero[:, 1::2] << 4)).reshape(-1)))
+        self.counts["matmulnbits"] += 1
+        return helper.make_node(
+            "MatMulNBits",
+            inputs,
+            list(node.output),
+            name=node.name or prefix,
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=4,
+            block_size=block,
+        )
+
+
+def _weight_of(node, inits: dict, producers: dict, lookup: dict):
+    """((Linear name, W), initializer) when `node` is a MatMul by a quantized Linear's weight, else (None, None).
+
+    The weight is either its own transposed initializer, or (tied embeddings) a Transpose of the shared one.
+    """
+    if node.op_type != "MatMul" or len(node.input) != 2:
+        return None, None
+    init, transpose = inits.get(node.input[1]), False
+    if init is None and (src := producers.get(node.input[1])) is not None and src.op_type == "Transpose":
+        perm = [list(a.ints) for a in src.attribute if a.name == "perm"]
+        init, transpose = inits.get(src.input[0]), perm in ([[1, 0]], [])
+    if init is None or len(init.dims) != 2:
+        return None, None
+    array = numpy_helper.to_array(init)
+    hit = lookup.get(_digest(array.T if transpose else array))
+    return (hit, init) if hit is not None else (None, None)
+
+
+def _without_dead_transposes(nodes: list, graph) -> list:
+    """Drop Transpose nodes whose output nothing reads any more (a tied lm_head's, once it reads its codes)."""
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    return [n for n in nodes if n.op_type != "Transpose" or any(o in used for o in n.output)]
+
+
+def quantize_graph(model_proto: onnx.ModelProto, model: torch.nn.Module, quant: QuantState, target: str) -> dict:
+    """Rewrite `model_proto` in place for `target`; returns counts of what was rewritten."""
+    if target not in TARGETS:
+        raise ExportError(f"unknown ONNX target {target!r}; allowed: {', '.join(TARGETS)}")
+    if quant.bits not in (4, 8):
+        raise ExportError(f"{quant.bits}-bit weights have no ONNX integer type here; export 4- or 8-bit stages")
+    graph = model_proto.graph
+    lookup = linear_weights(model, quant)
+    rw = Rewriter(graph, quant, target)
+    used_weights: set[str] = set()
+    nodes = []
+    producers = {out: n for n in graph.node for out in n.output}
+    for node in graph.node:
+        hit, init = _weight_of(node, rw.inits, producers, lookup)
+        if hit is None:
+            nodes.append(node)
+            continue
+        name, weight = hit
+        prefix = f"{name}.weight_q"
+        used_weights.add(init.name)
+        if quant.bits == 4 and target == "onnx-ort":
+            nodes.append(rw.matmul_nbits(node, name, weight, prefix))
+            continue
+        b = rw.int8_weight(name, weight, prefix) if quant.bits == 8 else rw.int4_weight(name, weight, prefix)
+        a = node.input[0]
+        act = quant.activations.get(name)
+        if act and act["precision"] == "int8":
+            a = rw.activation(a, float(quant.tensors[f"{name}.input_scale"]))
+        nodes.extend(rw.new_nodes)
+        rw.new_nodes = []
+        nodes.append(helper.make_node("MatMul", [a, b], list(node.output), name=node.name))
+    del graph.node[:]
+    graph.node.extend(_without_dead_transposes(nodes, graph))
+    still_used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name not in used_weights or i.name in still_used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if rw.counts["matmulnbits"] and not any(o.domain == "com.microsoft" for o in model_proto.opset_import):
+        model_proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    rw.counts["quantized_linears"] = len(used_weights)
+    rw.counts["expected_linears"] = len(lookup)
+    return rw.counts

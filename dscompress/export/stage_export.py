@@ -1,0 +1,175 @@
+"""Export a stage directory to an ONNX target and check the result against the stage itself.
+
+    <stage>/onnx/<target>/model.onnx (+ model.onnx.data above 2 GB), export.json, tokenizer files
+
+`parity` runs ONNX Runtime over the pipeline's evaluation windows and compares perplexity, KL to the baseline and
+top-1 with the torch artifact; for unquantized exports it also requires the same greedy tokens as torch and
+reports the max |logit difference|.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from dscompress.calibrate.metrics import evaluate
+from dscompress.export import trt_rules
+from dscompress.export.onnx import EXTERNAL_DATA_ABOVE, OPSET, OPSET_INT4, ExportError, export_float
+from dscompress.export.onnx_quant import TARGETS, quantize_graph
+from dscompress.export.ort_runner import MODEL_FILE, OrtLM, torch_greedy
+from dscompress.export.qstate import QuantState
+from dscompress.gates import Verdict
+from dscompress.models.sources import load_model
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+)
+
+
+def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset: int = OPSET) -> dict:
+    """Write `target` for the checkpoint in `stage` into `out`; returns export.json's content."""
+    if target not in TARGETS:
+        raise ExportError(f"unknown ONNX target {target!r}; allowed: {', '.join(TARGETS)}")
+    if fp16 and target != "onnx-ort":
+        raise ExportError("fp16 is an onnx-ort option; the onnx target keeps float32 around its Q/DQ nodes")
+    model = load_model(stage).eval()
+    quant = QuantState.load(stage)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MODEL_FILE
+    if quant is not None and quant.bits == 4 and target == "onnx" and opset < OPSET_INT4:
+        raise ExportError(f"INT4 DequantizeLinear with block_size needs opset {OPSET_INT4}, not {opset}")
+    meta = export_float(model, path, opset)
+    proto = onnx.load(str(path))
+    counts = quantize_graph(proto, model, quant, target) if quant is not None else {}
+    if quant is not None and counts["quantized_linears"] != counts["expected_linears"]:
+        raise ExportError(
+            f"matched {counts['quantized_linears']} of {counts['expected_linears']} quantized Linears in the graph"
+        )
+    for stale in out.glob(f"{MODEL_FILE}*"):
+        stale.unlink()
+    external = proto.ByteSize() > EXTERNAL_DATA_ABOVE if not meta["external_data"] else True
+    _save(proto, path, external)
+    onnx.checker.check_model(str(path))  # the standard graph; MatMulNBits' custom domain is skipped
+    onnx.shape_inference.infer_shapes_path(str(path), str(out / ".inferred.onnx"))
+    (out / ".inferred.onnx").unlink()
+    fused = {}
+    if target == "onnx-ort":  # ORT-only operators from here on: ONNX Runtime itself validates them (parity)
+        proto, fused = ort_fusions(onnx.load(str(path)))
+        if fp16:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            proto = convert_float_to_float16(proto, keep_io_types=False, op_block_list=["MatMulNBits"])
+        _save(proto, path, external)
+    problems = trt_rules.check(onnx.load(str(path), load_external_data=False)) if target == "onnx" else []
+    if problems:
+        raise ExportError(f"the onnx target breaks TensorRT's rules ({len(problems)} problems): {problems[0]}")
+    meta |= {
+        "target": target,
+        "fp16": fp16,
+        "external_data": external,
+        "quantization": counts,
+        "method": quant.method if quant else None,
+        "tensorrt_rules": "passed" if target == "onnx" else "n/a",
+        "ort_fusions": fused,
+    }
+    (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (stage / name).exists():
+            shutil.copy2(stage / name, out / name)
+    return meta
+
+
+def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
+    for stale in path.parent.glob(f"{path.name}*"):
+        stale.unlink()
+    onnx.save_model(proto, str(path), save_as_external_data=external, location=f"{path.name}.data")
+
+
+def ort_fusions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """ONNX Runtime's transformer fusions where they apply (opt_level 0: its Python fusions only, so the file stays
+    portable across execution providers). On our graphs RMSNorm and residual adds fuse into
+    (Skip)SimplifiedLayerNormalization; its attention and rotary patterns do not match the dynamo export."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # fusion-by-fusion chatter
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        optimized = optimize_model(proto, model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0)
+    stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    return optimized.model, stats
+
+
+def parity(
+    stage: Path, onnx_dir: Path, windows, ref, torch_metrics: dict, tolerance, batch_size: int
+) -> tuple[dict, list[Verdict]]:
+    """ONNX Runtime's metrics on the evaluation windows and the verdicts against `tolerance` (recipe.OnnxParity)."""
+    lm = OrtLM(onnx_dir)
+    metrics = evaluate(lm, windows, ref, batch_size, torch.device("cpu"))
+    label = onnx_dir.name
+    ppl_diff = abs(metrics["perplexity"] / torch_metrics["perplexity"] - 1.0) * 100.0
+    kl_diff, top1_diff = abs(metrics["kl"] - torch_metrics["kl"]), abs(metrics["top1"] - torch_metrics["top1"])
+    verdicts = [
+        _verdict(
+            f"onnx:{label}:perplexity",
+            ppl_diff,
+            tolerance.max_perplexity_diff_pct,
+            f"{label}: ORT perplexity {metrics['perplexity']:.4f} vs torch {torch_metrics['perplexity']:.4f}"
+            f" ({ppl_diff:.3f}%, max {tolerance.max_perplexity_diff_pct:g}%)",
+        ),
+        _verdict(
+            f"onnx:{label}:kl",
+            kl_diff,
+            tolerance.max_kl_diff,
+            f"{label}: ORT KL {metrics['kl']:.5f} vs torch {torch_metrics['kl']:.5f}"
+            f" (max diff {tolerance.max_kl_diff:g})",
+        ),
+        _verdict(
+            f"onnx:{label}:top1",
+            top1_diff,
+            tolerance.max_top1_diff,
+            f"{label}: ORT top-1 {metrics['top1']:.4f} vs torch {torch_metrics['top1']:.4f}"
+            f" (max diff {tolerance.max_top1_diff:g})",
+        ),
+    ]
+    if not QuantState.load(stage) and tolerance.greedy_prompts:
+        metrics["greedy"] = _greedy_check(stage, lm, windows, tolerance)
+        same = metrics["greedy"]["identical_prompts"] == tolerance.greedy_prompts
+        verdicts.append(
+            _verdict(
+                f"onnx:{label}:greedy",
+                float(not same),
+                0.0,
+                f"{label}: greedy tokens identical on {metrics['greedy']['identical_prompts']}/"
+                f"{tolerance.greedy_prompts} prompts; max |logit diff| {metrics['greedy']['max_logit_diff']:.2e}",
+            )
+        )
+    return metrics, verdicts
+
+
+def _verdict(metric: str, value: float, limit: float, detail: str) -> Verdict:
+    return Verdict(metric, value, limit, "<=", value <= limit, detail)
+
+
+def _greedy_check(stage: Path, lm: OrtLM, windows, tolerance) -> dict:
+    model = load_model(stage).eval()
+    identical, max_diff = 0, 0.0
+    for row in windows[: tolerance.greedy_prompts]:
+        prompt = row[:16]
+        ours, _ = lm.greedy(prompt, tolerance.greedy_tokens)
+        identical += int(ours == torch_greedy(model, prompt, tolerance.greedy_tokens))
+        with torch.no_grad():
+            max_diff = max(max_diff, float((lm.logits(row[None]) - model(row[None]).logits).abs().max()))
+    return {"identical_prompts": identical, "max_logit_diff": max_diff, "tokens": tolerance.greedy_tokens}

@@ -102,3 +102,16 @@ def test_a_tied_lm_head_is_quantized_in_the_graph_too(tmp_path):
     assert onnx_results["onnx"]["quantization"]["int4_dq"] == 15  # 14 projections + lm_head (a Transpose of the
     assert onnx_results["onnx-ort"]["quantization"]["matmulnbits"] == 15  # shared embedding in the float graph)
     assert all(v["passed"] for v in report["stages"][1]["verdicts"])
+
+
+def test_fp16_onnx_ort_export_runs_close_to_torch(tmp_path):
+    stage = resolve("tiny:llama").directory
+    meta = export_stage(stage, "onnx-ort", tmp_path / "fp16", fp16=True)
+    assert meta["fp16"] and meta["ort_fusions"]  # RMSNorms fused for ONNX Runtime
+    lm, model = OrtLM(tmp_path / "fp16"), load_model(stage).eval()
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert float((lm.logits(ids) - model(ids).logits).abs().max()) < 5e-2  # float16 arithmetic
+    assert len(lm.greedy(ids[0, :8], 6)[0]) == 6
+    with pytest.raises(ExportError, match="fp16 is an onnx-ort option"):
+        export_stage(stage, "onnx", tmp_path / "x", fp16=True)

@@ -52,7 +52,7 @@ class Rewriter:
         self.inits = {i.name: i for i in graph.initializer}
         self.new_nodes: list[onnx.NodeProto] = []
         self.act_qdq: dict[tuple[str, float], str] = {}  # (tensor, scale) -> dequantized tensor name
-        self.counts = {"int8_weights": 0, "int8_activations": 0, "int4_dq": 0, "matmulnbits": 0, "float_matmuls": 0}
+        self.counts = {"int8_weights": 0, "int8_activations": 0, "int4_dq": 0, "matmulnbits": 0}
 
     def add_init(self, name: str, array: np.ndarray, data_type: int | None = None) -> str:
         if data_type is None:

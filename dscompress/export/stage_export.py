@@ -58,8 +58,6 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
         raise ExportError(
             f"matched {counts['quantized_linears']} of {counts['expected_linears']} quantized Linears in the graph"
         )
-    for stale in out.glob(f"{MODEL_FILE}*"):
-        stale.unlink()
     external = proto.ByteSize() > EXTERNAL_DATA_ABOVE if not meta["external_data"] else True
     _save(proto, path, external)
     onnx.checker.check_model(str(path))  # the standard graph; MatMulNBits' custom domain is skipped
@@ -71,7 +69,9 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
         if fp16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            proto = convert_float_to_float16(proto, keep_io_types=False, op_block_list=["MatMulNBits"])
+            proto = convert_float_to_float16(
+                proto, keep_io_types=False, op_block_list=["MatMulNBits"], disable_shape_infer=True
+            )
         _save(proto, path, external)
     problems = trt_rules.check(onnx.load(str(path), load_external_data=False)) if target == "onnx" else []
     if problems:
@@ -109,7 +109,12 @@ def ort_fusions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         warnings.simplefilter("ignore")
         optimized = optimize_model(proto, model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0)
     stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
-    return optimized.model, stats
+    model = optimized.model
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and not any(
+        o.domain == "com.microsoft" for o in model.opset_import
+    ):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model, stats
 
 
 def parity(

@@ -118,14 +118,19 @@ def main() -> None:
                 rows.append({"target": target, "variant": label, "params": result.summary["params_after"],
                              "seconds": seconds, "config": cfg.model_dump(exclude_none=True), **metrics})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
+                save(args.out, base, total, rows)  # partial results survive an interrupted run
     windows = args.work / "windows.safetensors"
     save_file({"calibration": corpus.windows("calibration"), "eval": corpus.windows("eval")}, str(windows))
     if not args.no_peer:
         peer_rows(args, source, windows, targets, rows)
+    save(args.out, base, total, rows)
+
+
+def save(out: Path, base: dict, total: int, rows: list) -> None:
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cores (CPU)",
               "command": " ".join(sys.argv), "baseline": base, "params": total, "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

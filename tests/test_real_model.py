@@ -220,9 +220,9 @@ def _check_bundle(stage, out, target: str, jetpack: str | None) -> None:
 def test_smollm2_int4_bundle_for_a_discrete_gpu(tmp_path):
     """INT4 g64 symmetric: Orin refuses group 64 (and 576 is no multiple of 128), an x86 GPU takes it."""
     recipe = write_recipe(tmp_path / "r.yaml", (
-        "model: {path: bundled:smollm2-135m-instruct}\n"
+        "model: {path: bundled:smollm2-135m-instruct}\ndata: {eval: {samples: 4, seq_len: 512}}\n"
         "stages:\n  - rtn: {bits: 4, group_size: 64, symmetric: true}\n"
-        "    gate: {perplexity: {max_increase_pct: 40}}\n"
+        "    gate: {perplexity: {max_increase_pct: 60}}\n"
     ))  # fmt: skip
     assert cli("run", str(recipe), "--out", str(tmp_path / "out"), timeout=900).returncode == 0
     stage = tmp_path / "out" / "latest"

@@ -147,7 +147,7 @@ def _observe_kept(kept: list[torch.Tensor], s: torch.Tensor | None) -> AbsHistog
 # ---- 2. weights and scales ------------------------------------------------------------------------------------
 def quantize_weights(model, adapter, config: Int8Config, state: QuantState) -> int:
     """Every selected weight (Linear and stacked experts) to int8 per output channel, symmetric, in place."""
-    targets = [t for t in selected(list(adapter.weight_targets(model)), config.exclude)]
+    targets = selected(list(adapter.weight_targets(model)), config.exclude)
     with torch.no_grad():
         for t in targets:
             deq, scale, zero = fake_quantize(t.param, 8, -1, True)

@@ -58,7 +58,7 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
         raise ExportError(
             f"matched {counts['quantized_linears']} of {counts['expected_linears']} quantized Linears in the graph"
         )
-    external = proto.ByteSize() > EXTERNAL_DATA_ABOVE if not meta["external_data"] else True
+    external = meta["external_data"] or proto.ByteSize() > EXTERNAL_DATA_ABOVE
     _save(proto, path, external)
     onnx.checker.check_model(str(path))  # the standard graph; MatMulNBits' custom domain is skipped
     onnx.shape_inference.infer_shapes_path(str(path), str(out / ".inferred.onnx"))

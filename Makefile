@@ -15,7 +15,7 @@ install:
 	$(BIN)/dscompress --version
 
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast:
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -59,21 +59,28 @@ def solve(config, adapter, make, total: int, target: float) -> prune.PruneConfig
     return best[0] if best and abs(best[1] - goal) / total < 0.01 else None
 
 
-def variants(importance: str):
-    size = prune.Size
-    return {
-        f"mlp ({importance})": lambda x: prune.PruneConfig(importance=importance, mlp=size(ratio=x)),
-        f"heads 1/3 + mlp ({importance})": lambda x: prune.PruneConfig(
-            importance=importance, heads=prune.HeadSize(ratio=0.34), mlp=size(ratio=x)),
-        f"depth ({importance} blocks)": lambda x: prune.PruneConfig(importance=importance,
-                                                                    depth=prune.DepthSize(ratio=x)),
-        f"depth 1/3 + mlp ({importance})": lambda x: prune.PruneConfig(
-            importance=importance, depth=prune.DepthSize(ratio=x / 3), mlp=size(ratio=x)),
+def variants(importance: str, once: bool):
+    """Mixes of dimensions, each a function of one knob x in [0, 1) that `solve` tunes to the target size."""
+    P, S = prune.PruneConfig, prune.Size
+    mixes = {
+        f"mlp ({importance})": lambda x: P(importance=importance, mlp=S(ratio=x)),
+        f"heads 1/3 + mlp ({importance})": lambda x: P(importance=importance, heads=prune.HeadSize(ratio=0.34),
+                                                       mlp=S(ratio=x)),
+        f"hidden ({importance})": lambda x: P(importance=importance, hidden=S(ratio=x)),
+        f"hidden + mlp ({importance})": lambda x: P(importance=importance, hidden=S(ratio=x / 2), mlp=S(ratio=x)),
     }  # fmt: skip
+    if once:  # depth ranks layers the same way whatever the channel importance
+        mixes |= {
+            "depth (block importance)": lambda x: P(depth=prune.DepthSize(ratio=x)),
+            "depth (perplexity impact)": lambda x: P(depth=prune.DepthSize(ratio=x, metric="perplexity")),
+            "depth 1/3 + mlp (activation)": lambda x: P(depth=prune.DepthSize(ratio=x / 3), mlp=S(ratio=x)),
+        }  # fmt: skip
+    return mixes
 
 
 def peer_rows(args, source: Path, windows: Path, targets: list[float], rows: list) -> None:
-    python = ensure_venv(HERE / ".venvs", "torch-pruning", ["torch==2.13.0", "torch-pruning==1.6.0", "transformers"])
+    python = Path(sys.executable) if args.peer_python else ensure_venv(
+        HERE / ".venvs", "torch-pruning", ["torch==2.13.0", "torch-pruning==1.6.0", "transformers"])  # fmt: skip
     for target in targets:
         job = {"tag": f"torch-pruning-{target}", "model": str(source), "windows": str(windows), "target": target,
                "baseline": str(args.work / BASELINE_FILE), "output": str(args.work / f"tp-{target}")}  # fmt: skip
@@ -88,6 +95,8 @@ def main() -> None:
     ap.add_argument("--targets", default="0.10,0.25,0.40", help="parameter shares removed, comma-separated")
     ap.add_argument("--importance", default="activation,l1")
     ap.add_argument("--no-peer", action="store_true", help="skip torch-pruning")
+    ap.add_argument("--peer-python", action="store_true", help="run torch-pruning in this interpreter (GPU host)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=HERE / ".work" / "prune")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "prune_cpu.json")
     args = ap.parse_args()
@@ -95,16 +104,16 @@ def main() -> None:
     source = resolve("bundled:smollm2-135m-instruct").directory
     spec = DataSpec(calibration=SplitSpec(samples=args.calibration_samples, seq_len=512))
     corpus = Corpus(spec, load_tokenizer(source))
-    cpu, console = torch.device("cpu"), Console(stderr=True)
-    base = compute_baseline(load_model(source), corpus.windows("eval"), 4, cpu, args.work)
+    cpu, console = torch.device(args.device), Console(stderr=True)
+    base = compute_baseline(load_model(source).to(cpu), corpus.windows("eval"), 4, cpu, args.work)
     ref = BaselineRef(args.work)
     model = load_model(source)
     adapter, total = adapter_for(model.config), sum(p.numel() for p in model.parameters())
     rows = []
     targets = [float(t) for t in args.targets.split(",")]
     for target in targets:
-        for importance in args.importance.split(","):
-            for label, make in variants(importance).items():
+        for n, importance in enumerate(args.importance.split(",")):
+            for label, make in variants(importance, once=n == 0).items():
                 cfg = solve(model.config, adapter, make, total, target)
                 if cfg is None:
                     rows.append({"target": target, "variant": label, "error": "cannot reach this size"})
@@ -114,7 +123,7 @@ def main() -> None:
                     ctx = StageContext(adapter, cpu, 0, console, progress, lambda: corpus.windows("calibration"))
                     result = prune.apply(load_model(source), cfg, ctx)
                 seconds = time.perf_counter() - started
-                metrics = evaluate(result.model, corpus.windows("eval"), ref, 4, cpu)
+                metrics = evaluate(result.model.to(cpu), corpus.windows("eval"), ref, 4, cpu)
                 rows.append({"target": target, "variant": label, "params": result.summary["params_after"],
                              "seconds": seconds, "config": cfg.model_dump(exclude_none=True), **metrics})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
@@ -127,7 +136,8 @@ def main() -> None:
 
 
 def save(out: Path, base: dict, total: int, rows: list) -> None:
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cores (CPU)",
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cores ({gpu})",
               "command": " ".join(sys.argv), "baseline": base, "params": total, "rows": rows}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")

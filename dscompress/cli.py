@@ -133,6 +133,10 @@ def plan(recipe: RecipeArg, as_json: Annotated[bool, typer.Option("--json")] = F
         for s in result["stages"]:
             out.print(f"  {s['dir']:<20} {s['pass']:<8} {s['params']:>14,} params   "
                       f"deployed {_mb(s['deployed_bytes'])}   checkpoint {_mb(s['checkpoint_bytes'])}")  # fmt: skip
+            if "train_memory_bytes" in s:
+                out.print(f"  [dim]training memory per device ~{_mb(s['train_memory_bytes'])}[/dim]")
+            if "advice" in s:
+                out.print(f"  [dim]{s['removed_pct']:.1f}% fewer parameters. {s['advice']}[/dim]")
         out.print(f"peak memory ~{_mb(result['peak_memory_bytes'])}, disk ~{_mb(result['disk_bytes'])}")
         out.print(f"[dim]{result['assumptions']}[/dim]")
         if roof := result["roofline"]:

@@ -63,6 +63,13 @@ class StageContext:
     calibration: Callable[[], torch.Tensor]  # lazily built calibration windows, (N, T) int64
     resume_dir: Path | None = None  # survives a killed run (same stage key); removed once the stage is complete
     gate: object | None = None  # the stage's recipe.Gate, for passes that search until it would hold (int8)
+    # For passes that train (distill):
+    train: Callable[[], torch.Tensor] | None = None  # training windows, disjoint from eval and calibration
+    evaluate: Callable | None = None  # model -> (pipeline metrics, gate met); distill_loop.EvalSpec
+    stage_dir: Callable[[str], Path] | None = None  # "baseline" or an earlier stage's name -> its artifact
+    input_dir: Path | None = None  # the artifact this stage reads
+    quant: QuantState | None = None  # the input's quantization metadata
+    dtype: str = "float32"
 
     def track(self, items: Iterable[T], description: str) -> Iterator[T]:
         return tracked(self.progress, items, description)

@@ -20,10 +20,18 @@ def model_problems(recipe: Recipe, located: LocatedYaml | None, info: ModelInfo)
                 f"{seq_len} is above the model's maximum of {info.max_positions} positions; "
                 f"use at most {info.max_positions}",
             ))  # fmt: skip
+    from dscompress.compress.distill import teacher_problem
+
+    labels, stage_info = ["baseline"], info
     for i, stage in enumerate(recipe.stages):
         spec = spec_for(stage.pass_config)
-        for field, message in spec.check(stage.pass_config, info):
-            problems.append((("stages", i, spec.key, field), message))
+        found = spec.check(stage.pass_config, stage_info)
+        if spec.key == "distill" and (message := teacher_problem(stage.distill.teacher, labels, stage_info)):
+            found.append(("teacher", message))
+        problems += [(("stages", i, spec.key, field), message) for field, message in found]
+        if spec.key == "prune" and not found:
+            stage_info = _pruned_info(stage_info, stage.pass_config)  # later stages see the pruned shapes
+        labels.append(stage.label)
     from dscompress.export.preflight import target_problems
 
     if recipe.target is not None:
@@ -53,6 +61,18 @@ def _quant_bytes(n_params: int, bits: int, group_size: int, in_features: int) ->
     return n_params * bits / 8 + n_params / group * (2 + bits / 8)
 
 
+def _distill_bytes(cfg, student: ModelInfo, teacher_bytes: int, seq_len: int) -> int:
+    """Per device: the fp32 student with gradients and two AdamW moments, the teacher, a micro-batch of student
+    and teacher logits (the chunked KL keeps only those two full-size), and the student's saved activations
+    (about 8 bytes per token for each hidden and MLP channel of every layer: a rough fp32 estimate)."""
+    text = student.config.get_text_config()
+    tokens = cfg.batch_size // cfg.grad_accum * seq_len
+    logits = 2 * tokens * student.vocab_size * 4
+    width = 4 * text.hidden_size + 3 * (getattr(text, "intermediate_size", 0) or 0)
+    activations = tokens * text.num_hidden_layers * width * 8
+    return 16 * student.n_params + teacher_bytes + logits + activations + RUNTIME_BYTES
+
+
 def _pruned_info(info: ModelInfo, cfg) -> ModelInfo:
     """The model after a prune stage. Depth pruning of an MoE model counts the last layers as the removed ones
     (which layers go is decided by calibration)."""
@@ -71,13 +91,19 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
     ev, data = recipe.data.eval, recipe.data
     logits_bytes = data.batch_size * (ev.seq_len - 1) * info.vocab_size * 4 * 4  # logits, log-softmax, baseline
     ref_bytes = ev.samples * (ev.seq_len - 1) * (info.vocab_size * 2 + 4)  # float16 log-probs + int32 top-1
-    stages, deployed = [], model_bytes
+    stages, deployed, source_info, source_bytes = [], model_bytes, info, model_bytes
     for i, stage in enumerate(recipe.stages, start=1):
         cfg = stage.pass_config
+        before = info.n_params
         if spec_for(cfg).key == "prune":
             info = _pruned_info(info, cfg)
             model_bytes = deployed = info.n_params * dtype_bytes
         row = {"dir": f"{i}-{stage.label}", "pass": spec_for(cfg).key, "params": info.n_params}
+        if spec_for(cfg).key == "prune":
+            from dscompress.compress.prune_advice import advice
+
+            row["removed_pct"] = 100.0 * (1 - info.n_params / before)
+            row["advice"] = advice(1 - info.n_params / before)
         if hasattr(cfg, "bits"):
             from dscompress.compress.rtn import selected
 
@@ -90,6 +116,8 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
             row |= {"quantized_params": q_params, "checkpoint_bytes": model_bytes + 8 * groups}
         else:
             row["checkpoint_bytes"] = model_bytes
+        if spec_for(cfg).key == "distill":
+            row["train_memory_bytes"] = _distill_bytes(cfg, info, source_bytes, recipe.data.train.seq_len)
         row["deployed_bytes"] = int(deployed)
         stages.append(row)
     from dscompress.export.preflight import roofline
@@ -97,10 +125,12 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
     result = {
         "model": recipe.model.path,
         "architecture": info.adapter.model_type,
-        "params": info.n_params,
-        "model_bytes": model_bytes,
+        "params": source_info.n_params,
+        "model_bytes": source_bytes,
         "stages": stages,
-        "peak_memory_bytes": 2 * model_bytes + logits_bytes + RUNTIME_BYTES,
+        "peak_memory_bytes": max(
+            2 * source_bytes + logits_bytes + RUNTIME_BYTES, *(s.get("train_memory_bytes", 0) for s in stages)
+        ),
         "disk_bytes": int(ref_bytes + sum(s["checkpoint_bytes"] for s in stages)),
         "baseline_logprobs_bytes": ref_bytes,
         "assumptions": "baseline files are hard links into the model cache (no extra disk on one filesystem); "

@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dscompress.compress.distill import DistillConfig
 from dscompress.compress.gptq import GPTQConfig
 from dscompress.compress.int8 import Int8Config
 from dscompress.compress.prune import PruneConfig
@@ -40,8 +41,11 @@ class ModelSpec(Strict):
     trust_remote_code: bool = Field(False, description="allow a checkpoint's own modeling code (auto_map)")
 
 
+BUILTIN_SOURCES = ("builtin:pydoc", "builtin:stdlib-docstrings")
+
+
 class SplitSpec(Strict):
-    samples: int = Field(ge=1, description="number of windows")
+    samples: int | Literal["all"] = Field(description="number of windows, or all the split holds")
     seq_len: int = Field(ge=8, description="tokens per window")
 
 
@@ -59,13 +63,25 @@ class Fractions(Strict):
 
 
 class DataSpec(Strict):
-    source: str = Field("builtin:pydoc", description="'builtin:pydoc' or a .txt / .jsonl file")
+    source: str = Field("builtin:pydoc", description=f"{' | '.join(BUILTIN_SOURCES)} or a .txt / .jsonl file")
+    extra_train_source: str | None = Field(
+        None,
+        description="more text for the train split only (all of it; blocks equal to eval or calibration "
+        "blocks are dropped), e.g. builtin:stdlib-docstrings",
+    )
     text_field: str = Field("text", description="the key holding the text in each .jsonl line")
     fractions: Fractions = Field(default_factory=Fractions, description="share of blocks in each split")
     eval: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=16, seq_len=512))
     calibration: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=64, seq_len=512))
     train: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=64, seq_len=512))
     batch_size: int = Field(4, ge=1, description="windows per forward pass during evaluation")
+
+    @model_validator(mode="after")
+    def _all_only_for_train(self):
+        for split in ("eval", "calibration"):
+            if getattr(self, split).samples == "all":
+                raise ValueError(f"{split}.samples: 'all' is for the train split only; give a number of windows")
+        return self
 
 
 class PerplexityGate(Strict):
@@ -115,7 +131,8 @@ class OnnxSpec(Strict):
     parity: OnnxParity = Field(default_factory=OnnxParity)
 
 
-PASS_KEYS = ("rtn", "gptq", "int8", "prune")  # must equal the registry's keys; tests/test_recipe.py checks it
+# must equal the registry's keys; tests/test_recipe.py checks it
+PASS_KEYS = ("rtn", "gptq", "int8", "prune", "distill")
 QUANTIZING_PASSES = ("rtn", "gptq")  # passes that leave quantization metadata, so they can be packed
 
 
@@ -125,6 +142,7 @@ class Stage(Strict):
     gptq: GPTQConfig | None = None
     int8: Int8Config | None = None
     prune: PruneConfig | None = None
+    distill: DistillConfig | None = None
     gate: Gate | None = None
     onnx: OnnxSpec | None = Field(None, description="export to ONNX and gate the stage on ONNX Runtime parity")
     save_formats: list[Literal["gptq", "gptq_v2", "compressed-tensors"]] = Field(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from dscompress.compress import gptq, int8, prune, rtn
+from dscompress.compress import distill, gptq, int8, prune, rtn
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,16 @@ REGISTRY: dict[type[BaseModel], PassSpec] = {
         prune.PruneConfig,
         prune.apply,
         prune.check,
-        "structured pruning: MLP channels, heads, depth",
+        "structured pruning: MLP channels, heads, hidden, experts, depth",
         frozenset({"calibration"}),
+    ),
+    distill.DistillConfig: PassSpec(
+        "distill",
+        distill.DistillConfig,
+        distill.apply,
+        distill.check,
+        "distillation from the teacher: forward KL on logits",
+        frozenset({"train"}),
     ),
 }
 

@@ -40,10 +40,11 @@ from dscompress.atomic import (
 from dscompress.calibrate.data import Corpus
 from dscompress.calibrate.metrics import BASELINE_FILE, BaselineRef, compute_baseline, evaluate
 from dscompress.compress.actquant import attach_saved, detach
+from dscompress.compress.distill_loop import EvalSpec
 from dscompress.context import StageContext, make_progress, spinner, tracked
-from dscompress.errors import GateFailed, OutputPathError, RunLocked
+from dscompress.errors import GateFailed, OutputPathError, RecipeError, RunLocked
 from dscompress.export.formats import export as export_packed
-from dscompress.export.qstate import QUANT_JSON, QUANT_TENSORS
+from dscompress.export.qstate import QUANT_JSON, QUANT_TENSORS, QuantState
 from dscompress.export.stage_export import export_stage, parity
 from dscompress.gates import check_gate
 from dscompress.models.adapters import adapter_for
@@ -201,7 +202,7 @@ class Runner:
         }  # fmt: skip
 
     def _run_locked(self, source: Path, report: dict) -> None:
-        base_dir = self._baseline(source)
+        base_dir = self.base_dir = self._baseline(source)
         baseline = self.records[0].metrics
         self.ref = BaselineRef(base_dir)
         current, previous = base_dir, baseline
@@ -292,6 +293,9 @@ class Runner:
                 adapter=adapter_for(model.config), device=self.device, seed=self.recipe.seed + index,
                 console=self.console, progress=progress,
                 calibration=lambda: self.corpus.windows("calibration"), resume_dir=resume, gate=stage.gate,
+                train=lambda: self.corpus.windows("train"), evaluate=self._eval_spec(stage),
+                stage_dir=self._stage_dir, input_dir=input_dir, quant=QuantState.load(input_dir),
+                dtype=self.recipe.model.dtype,
             )  # fmt: skip
             torch.manual_seed(ctx.seed)
             t1 = time.perf_counter()
@@ -327,6 +331,24 @@ class Runner:
         gc.collect()
         record.size_bytes = _dir_size(final)
         return record
+
+    def _eval_spec(self, stage: Stage) -> EvalSpec:
+        """The pipeline's evaluation and this stage's gate, for passes that check it while they work."""
+        passed = [r for r in self.records[:-1] if r.status == "passed"]
+        gate = stage.gate.model_dump(mode="json") if stage.gate else None
+        return EvalSpec(self.corpus.windows("eval"), self.base_dir, self.recipe.data.batch_size, gate,
+                        self.records[0].metrics, passed[-1].metrics)  # fmt: skip
+
+    def _stage_dir(self, name: str) -> Path:
+        """'baseline', an earlier passing stage's name, or a checkpoint path -> its directory."""
+        if name == "baseline":
+            return self.base_dir
+        for record in reversed(self.records[1:-1]):  # the last record is the running stage
+            if self.recipe.stages[record.index - 1].label == name and record.status == "passed":
+                return self.out / record.dir
+        if "/" in name or name.endswith(".gguf"):
+            return resolve(name).directory
+        raise RecipeError(f"teacher {name!r}: no earlier stage of that name passed its gate in this run")
 
     def _export_onnx(self, stage: Stage, tmp: Path, metrics: dict, progress) -> tuple[dict, list]:
         """Each ONNX target of the stage, exported and measured through ONNX Runtime; parity verdicts."""

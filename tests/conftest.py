@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,15 @@ stages:
 def tiny_recipe(path: Path, model: str = "tiny:llama", stages: str | None = None) -> Path:
     stages = stages or "  - rtn: {bits: 4, group_size: 32}\n    gate: {kl: {max: 1.0}}"
     return write_recipe(path, TINY_RECIPE.format(model=model, stages=stages))
+
+
+def run_and_sigkill(recipe: Path, out: Path, when: str) -> None:
+    """Start `dscompress run`, SIGKILL it as soon as a path matching the glob `when` appears under `out`."""
+    cmd = [sys.executable, "-m", "dscompress.cli", "run", str(recipe), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 300
+    while not list(out.glob(when)) and time.time() < deadline:
+        assert proc.poll() is None, f"run ended before {when} appeared"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

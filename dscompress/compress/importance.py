@@ -5,6 +5,8 @@ Scores are plain tensors keyed by what they rank, saved with the stage as import
     layers.{i}.mlp       (intermediate,)        MLP neurons (dense layers and shared experts)
     layers.{i}.experts   (experts, moe_inter)   routed-expert neurons (always L1: they run inside one fused op)
     layers.{i}.heads     (query heads,)         attention heads (GQA query heads, or MLA heads)
+    layers.{i}.routing   (experts,)             tokens routed to each expert on the calibration set
+    hidden               (hidden_size,)         embedding channels: norm outputs (activation) or owned weights (l1)
     blocks               (layers,)              1 - cos(block input, block output), averaged over tokens
 """
 
@@ -57,7 +59,24 @@ def l1_scores(model, adapter: ArchAdapter) -> dict[str, torch.Tensor]:
             gu, dn = experts.gate_up_proj.detach().abs().double(), experts.down_proj.detach().abs().double()
             inter = dn.shape[-1]
             scores[f"layers.{i}.experts"] = gu[:, :inter].sum(-1) + gu[:, inter:].sum(-1) + dn.sum(1)
+    scores["hidden"] = hidden_l1(model.state_dict(), adapter, config.hidden_size)
     return scores
+
+
+def hidden_l1(sd: dict, adapter: ArchAdapter, hidden: int) -> torch.Tensor:
+    """L1 of every weight that reads or writes each embedding channel (norm gains included)."""
+    from dscompress.compress.prune_surgery import hidden_dim
+
+    total = torch.zeros(hidden, dtype=torch.float64)
+    seen = set()
+    for name, tensor in sd.items():
+        dim = hidden_dim(name, adapter)
+        if dim is None or tensor.data_ptr() in seen:  # a tied lm_head counts once
+            continue
+        seen.add(tensor.data_ptr())
+        t = tensor.detach().abs().double().movedim(dim, 0)
+        total += t.reshape(hidden, -1).sum(1)
+    return total
 
 
 class _Collector:
@@ -77,10 +96,34 @@ class _Collector:
             if mods := mlp_modules(adapter, model, i):
                 self.handles.append(mods[2].register_forward_pre_hook(self._per_channel(f"layers.{i}.mlp")))
             self.handles.append(layer.register_forward_hook(self._block(i, len(layers)), with_kwargs=True))
+            for path in (adapter.input_norm_path, adapter.post_attn_norm_path):
+                norm = layer.get_submodule(path)
+                self.handles.append(norm.register_forward_hook(lambda m, a, out: self._add_hidden(out)))
+            if adapter.is_moe_layer(model.config, i):
+                experts = layer.get_submodule(adapter.experts_path)
+                count = self._routing(f"layers.{i}.routing")
+                self.handles.append(experts.register_forward_pre_hook(count))
+        final = model.get_submodule(adapter.final_norm_path)
+        self.handles.append(final.register_forward_hook(lambda m, a, out: self._add_hidden(out)))
+        self.counts: dict[str, torch.Tensor] = {}
+        self.hidden_sq: torch.Tensor | None = None
 
     def _add(self, key: str, per_sample: torch.Tensor) -> None:  # (B, C) means over the sequence
         value = per_sample.double().pow(2).sum(0).cpu()
         self.sq[key] = value if key not in self.sq else self.sq[key] + value
+
+    def _add_hidden(self, out: torch.Tensor) -> None:
+        """Minitron's embedding-channel score: norm outputs, summed over every norm of the model."""
+        value = out.detach().abs().mean(1).double().pow(2).sum(0).cpu()
+        self.hidden_sq = value if self.hidden_sq is None else self.hidden_sq + value
+
+    def _routing(self, key):
+        def hook(module, args):  # experts(hidden_states, top_k_index, top_k_weights)
+            index = args[1].reshape(-1).cpu()
+            counts = torch.bincount(index, minlength=module.gate_up_proj.shape[0]).double()
+            self.counts[key] = counts if key not in self.counts else self.counts[key] + counts
+
+        return hook
 
     def _per_channel(self, key):
         return lambda m, args: self._add(key, args[0].detach().abs().mean(1))
@@ -108,8 +151,9 @@ class _Collector:
     def result(self) -> dict[str, torch.Tensor]:
         for h in self.handles:
             h.remove()
-        scores = {k: v.sqrt() for k, v in self.sq.items()}
+        scores = {k: v.sqrt() for k, v in self.sq.items()} | self.counts
         scores["blocks"] = self.block_cos / max(self.tokens, 1)
+        scores["hidden"] = self.hidden_sq.sqrt()
         return scores
 
 
@@ -127,3 +171,32 @@ def activation_scores(model, adapter: ArchAdapter, windows: torch.Tensor, batch_
     model.to("cpu")
     scores |= {k: v for k, v in l1_scores(model, adapter).items() if k.endswith(".experts")}
     return scores
+
+
+@torch.no_grad()
+def perplexity_impact(model, adapter: ArchAdapter, windows: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """Per layer: mean next-token loss with that layer skipped (its output replaced by its input), minus the loss
+    of the whole model. Higher means the layer matters more."""
+    model.to(device).eval()
+
+    def loss() -> float:
+        total = 0.0
+        for start in range(0, len(windows), batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            total += float(model(ids, labels=ids, use_cache=False).loss) * len(ids)
+        return total / len(windows)
+
+    base, impact = loss(), []
+    for layer in adapter.layers(model):
+        handle = layer.register_forward_hook(_skip, with_kwargs=True)
+        try:
+            impact.append(loss() - base)
+        finally:
+            handle.remove()
+    model.to("cpu")
+    return torch.tensor(impact, dtype=torch.float64)
+
+
+def _skip(module, args, kwargs, output):
+    hidden_in = args[0] if args else kwargs["hidden_states"]
+    return (hidden_in, *output[1:]) if isinstance(output, tuple) else hidden_in

@@ -10,9 +10,15 @@ single numbers); each layer keeps its own most important channels and heads.
   Mode `kv_group`: whole KV groups with their query heads. `head_dim` is never cut (RoPE) and is written
   explicitly. DeepSeek-V3 MLA: heads are dropped consistently in q_b_proj (or q_proj), kv_b_proj and o_proj;
   MLA has no KV groups, so `kv_group` is refused for it.
-- `depth`: whole decoder layers, lowest block importance (1 - cos(input, output)) first; per-layer config lists
-  (layer_types, mlp_only_layers, first_k_dense_replace) follow.
-Importance (`l1` or `activation`) is in importance.py; scores are saved as importance.safetensors.
+- `depth`: whole decoder layers, lowest block importance (1 - cos(input, output)) or lowest perplexity impact
+  (calibration loss rise with the layer skipped) first; per-layer config lists (layer_types, mlp_only_layers,
+  first_k_dense_replace) follow.
+- `hidden`: embedding channels everywhere they live: embeddings, every RMSNorm, every projection that reads or
+  writes the residual stream, routers, experts and lm_head (a tied lm_head is cut with the embeddings).
+- `experts`: whole routed experts by routing frequency on the calibration set; router rows (and DeepSeek's score
+  correction bias) follow, and DeepSeek keeps the same count in each of its `n_group` routing groups.
+Importance (`l1` or `activation`) is in importance.py; surgery in prune_surgery.py; scores are saved as
+importance.safetensors.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForCausalLM
 
-from dscompress.compress.importance import activation_scores, head_blocks, l1_scores
-from dscompress.context import PassOutput, StageContext
+from dscompress.compress.importance import activation_scores, l1_scores, perplexity_impact
+from dscompress.compress.prune_surgery import Surgeon, expert_field, expert_groups, top
+from dscompress.context import PassOutput, StageContext, spinner
+from dscompress.models.info import read_tensors
 
 
 class Size(BaseModel):
@@ -50,7 +58,10 @@ class HeadSize(Size):
 
 
 class DepthSize(Size):
-    metric: Literal["block_importance"] = "block_importance"
+    metric: Literal["block_importance", "perplexity"] = Field(
+        "block_importance", description="block_importance: 1 - cos(in, out); perplexity: loss rise, layer skipped"
+    )
+    windows: int = Field(8, ge=1, description="calibration windows scored per skipped layer (metric perplexity)")
 
 
 class PruneConfig(BaseModel):
@@ -61,13 +72,20 @@ class PruneConfig(BaseModel):
     mlp: Size | None = Field(None, description="intermediate channels (per expert for routed experts)")
     heads: HeadSize | None = Field(None, description="query heads (mode query: the count kept in total)")
     depth: DepthSize | None = Field(None, description="decoder layers")
+    hidden: Size | None = Field(None, description="embedding channels, across every norm, projection and lm_head")
+    experts: Size | None = Field(None, description="routed experts per MoE layer, least routed first")
     batch_size: int = Field(8, ge=1, description="calibration windows per forward pass (activation importance)")
 
     @model_validator(mode="after")
     def _something(self):
-        if not (self.mlp or self.heads or self.depth):
-            raise ValueError("prune needs at least one of mlp, heads, depth")
+        if not (self.mlp or self.heads or self.depth or self.hidden or self.experts):
+            raise ValueError("prune needs at least one of mlp, heads, depth, hidden, experts")
         return self
+
+    @property
+    def needs_forward(self) -> bool:
+        """Calibration forward passes: activation importance, block importance, routing counts."""
+        return self.importance == "activation" or bool(self.depth) or bool(self.experts)
 
 
 # ---- sizes (used by `plan` and `validate` too) ----------------------------------------------------------------
@@ -87,7 +105,30 @@ def new_sizes(config, adapter, cfg: PruneConfig) -> tuple[dict, list[tuple[str, 
         sizes["num_hidden_layers"] = cfg.depth.keep(text.num_hidden_layers)
         if not 1 <= sizes["num_hidden_layers"] <= text.num_hidden_layers:
             problems.append(("depth", f"keeps {sizes['num_hidden_layers']} of {text.num_hidden_layers} layers"))
+    if cfg.hidden:
+        sizes["hidden_size"] = cfg.hidden.keep(text.hidden_size)
+        if not 1 <= sizes["hidden_size"] <= text.hidden_size:
+            problems.append(("hidden", f"keeps {sizes['hidden_size']} of {text.hidden_size} hidden channels"))
+        if adapter.attention == "gqa":  # head_dim defaulted to hidden_size / heads: pin it
+            sizes.setdefault("head_dim", adapter.head_counts(text).head_dim)
+    if cfg.experts:
+        problems += _expert_sizes(text, adapter, cfg.experts, sizes)
     return sizes, problems
+
+
+def _expert_sizes(text, adapter, experts: Size, sizes: dict) -> list[tuple[str, str]]:
+    if adapter.moe == "none":
+        return [("experts", f"{adapter.model_type} has no routed experts; prune mlp instead")]
+    field, groups = expert_field(adapter), expert_groups(text, adapter)
+    total, keep = getattr(text, field), experts.keep(getattr(text, field))
+    sizes[field] = keep
+    if keep < text.num_experts_per_tok or keep > total:
+        return [("experts", f"keeps {keep} of {total} experts; each token is routed to {text.num_experts_per_tok}, "
+                 "so at least that many must remain")]  # fmt: skip
+    if keep % groups or (groups > 1 and keep // groups < 2):
+        return [("experts", f"keeps {keep} experts across {groups} routing groups (n_group); DeepSeek needs the "
+                 f"same count, at least 2, in every group: use a multiple of {groups}")]  # fmt: skip
+    return []
 
 
 def _head_sizes(text, adapter, heads: HeadSize, sizes: dict) -> list[tuple[str, str]]:
@@ -120,6 +161,8 @@ def _head_sizes(text, adapter, heads: HeadSize, sizes: dict) -> list[tuple[str, 
 
 def check(config: PruneConfig, info) -> list[tuple[str, str]]:
     problems = new_sizes(info.config, info.adapter, config)[1]
+    if config.hidden and info.directory is not None and (problem := tied_problem(info)):
+        problems.append(("hidden", problem))
     if config.depth and info.adapter.moe == "qwen3_moe" and (getattr(info.config, "decoder_sparse_step", 1) or 1) != 1:
         problems.append(("depth", "decoder_sparse_step > 1 ties MoE placement to layer numbers; prune mlp instead"))
     return problems
@@ -151,124 +194,75 @@ def _remap_layer_lists(new, old, adapter, kept: list[int]) -> None:
         new.first_k_dense_replace = sum(1 for i in kept if i < old.first_k_dense_replace)
 
 
-# ---- surgery on the state dict --------------------------------------------------------------------------------
-def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the `keep` highest scores, in ascending index order (ties: lower index first)."""
-    order = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
-    return torch.tensor(sorted(order[:keep]), dtype=torch.long)
-
-
-def _blocks(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Row indices of whole blocks of `size` rows."""
-    return (index[:, None] * size + torch.arange(size)).reshape(-1)
-
-
-class Surgeon:
-    def __init__(self, sd: dict, config, adapter, cfg: PruneConfig, scores: dict):
-        self.sd, self.config, self.adapter, self.cfg, self.scores = sd, config.get_text_config(), adapter, cfg, scores
-        self.full_config = config
-        self.kept_summary: dict[str, list] = {}
-
-    def rows(self, key: str, index: torch.Tensor, dim: int = 0) -> None:
-        for suffix in (".weight", ".bias"):
-            name = key + suffix
-            if name in self.sd and (suffix == ".weight" or dim == 0):
-                self.sd[name] = self.sd[name].index_select(dim, index).contiguous()
-
-    def prune_layer(self, old: int, sizes: dict) -> None:
-        prefix = f"{self.adapter.layers_path}.{old}."
-        if "num_attention_heads" in sizes:
-            self._heads(prefix, old, sizes)
-        if self.cfg.mlp:
-            self._mlp(prefix, old, sizes)
-
-    def _heads(self, prefix: str, old: int, sizes: dict) -> None:
-        attn = prefix + self.adapter.attn_path + "."
-        scores = self.scores[f"layers.{old}.heads"]
-        counts = self.adapter.head_counts(self.config)
-        if self.adapter.attention == "mla":
-            heads = _top(scores, sizes["num_attention_heads"])
-            for name, size in head_blocks(self.adapter, self.config).items():
-                self.rows(attn + name, _blocks(heads, size), dim=1 if name == "o_proj" else 0)
-            self.kept_summary.setdefault("heads", []).append(heads.tolist())
-            return
-        group = counts.num_heads // counts.num_kv_heads
-        grouped = scores.reshape(counts.num_kv_heads, group)
-        if self.cfg.heads.mode == "kv_group":
-            kv = _top(grouped.sum(1), sizes["num_key_value_heads"])
-            heads = (kv[:, None] * group + torch.arange(group)).reshape(-1)
-            for name in ("k_proj", "v_proj"):
-                self.rows(attn + name, _blocks(kv, counts.head_dim))
-        else:
-            per_group = sizes["num_attention_heads"] // counts.num_kv_heads
-            heads = torch.cat([g * group + _top(grouped[g], per_group) for g in range(counts.num_kv_heads)])
-        self.rows(attn + "q_proj", _blocks(heads, counts.head_dim))
-        self.rows(attn + "o_proj", _blocks(heads, counts.head_dim), dim=1)
-        self.kept_summary.setdefault("heads", []).append(heads.tolist())
-
-    def _mlp(self, prefix: str, old: int, sizes: dict) -> None:
-        moe = self.adapter.is_moe_layer(self.full_config, old)
-        if f"layers.{old}.mlp" in self.scores:
-            path = self.adapter.shared_experts_path if moe else self.adapter.mlp_path
-            total = len(self.scores[f"layers.{old}.mlp"])
-            field = "moe_intermediate_size" if moe else "intermediate_size"
-            keep = total * sizes[field] // getattr(self.config, field) if moe else sizes[field]
-            index = _top(self.scores[f"layers.{old}.mlp"], keep)
-            for name in ("gate_proj", "up_proj"):
-                self.rows(f"{prefix}{path}.{name}", index)
-            self.rows(f"{prefix}{path}.down_proj", index, dim=1)
-        if moe:
-            self._experts(prefix + self.adapter.experts_path + ".", old, sizes["moe_intermediate_size"])
-
-    def _experts(self, prefix: str, old: int, keep: int) -> None:
-        scores = self.scores[f"layers.{old}.experts"]  # (E, inter)
-        inter = scores.shape[1]
-        index = torch.stack([_top(s, keep) for s in scores])  # (E, keep)
-        gate_up, down = self.sd[prefix + "gate_up_proj"], self.sd[prefix + "down_proj"]
-        rows = torch.cat([index, index + inter], dim=1)  # the gate half, then the up half
-        self.sd[prefix + "gate_up_proj"] = torch.gather(gate_up, 1, rows[:, :, None].expand(-1, -1, gate_up.shape[2]))
-        self.sd[prefix + "down_proj"] = torch.gather(down, 2, index[:, None, :].expand(-1, down.shape[1], -1))
-
-    def renumber(self, kept: list[int]) -> None:
-        base = self.adapter.layers_path + "."
-        renamed = {}
-        for name, tensor in self.sd.items():
-            if not name.startswith(base):
-                renamed[name] = tensor
-                continue
-            old, rest = name[len(base) :].split(".", 1)
-            if int(old) in kept:
-                renamed[f"{base}{kept.index(int(old))}.{rest}"] = tensor
-        self.sd = renamed
-
-
 def kept_layers(config, cfg: PruneConfig, scores: dict) -> list[int]:
     layers = config.get_text_config().num_hidden_layers
     if not cfg.depth:
         return list(range(layers))
-    return _top(scores["blocks"], cfg.depth.keep(layers)).tolist()
+    return top(scores["blocks"], cfg.depth.keep(layers)).tolist()
+
+
+def importance(model, config: PruneConfig, ctx: StageContext) -> dict[str, torch.Tensor]:
+    scores = l1_scores(model, ctx.adapter)
+    if config.needs_forward:
+        act = activation_scores(model, ctx.adapter, ctx.calibration(), config.batch_size, ctx.device)
+        forward_only = {k: v for k, v in act.items() if k == "blocks" or k.endswith(".routing")}
+        scores |= act if config.importance == "activation" else forward_only
+    if config.depth and config.depth.metric == "perplexity":
+        windows = ctx.calibration()[: config.depth.windows]
+        with spinner(ctx.progress, f"perplexity impact of {len(ctx.adapter.layers(model))} layers"):
+            scores["blocks"] = perplexity_impact(model, ctx.adapter, windows, config.batch_size, ctx.device)
+    return scores
+
+
+TIED_DISAGREE = (
+    "config.json ties lm_head to the embeddings but the checkpoint's lm_head.weight differs from them; "
+    "fix tie_word_embeddings in config.json, or prune mlp/heads/depth instead"
+)
+
+
+def tied_problem(info) -> str | None:
+    """Hidden pruning cuts embeddings and lm_head with one index: refuse a tie the stored weights do not honour
+    (transformers would silently tie them on load and drop the stored lm_head)."""
+    if not info.config.get_text_config().tie_word_embeddings:
+        return None
+    names = {f"{info.adapter.embed_path}.weight", f"{info.adapter.lm_head_path}.weight"}
+    found = read_tensors(info.directory, names)
+    return TIED_DISAGREE if len(found) == 2 and not torch.equal(*found.values()) else None
+
+
+def check_tied(model, adapter) -> None:
+    """The same refusal for a model in memory whose tie is broken."""
+    embed = model.get_submodule(adapter.embed_path).weight
+    head = model.get_submodule(adapter.lm_head_path).weight
+    if model.config.get_text_config().tie_word_embeddings and head is not embed and not torch.equal(head, embed):
+        raise ValueError(f"hidden: {TIED_DISAGREE}")
 
 
 def apply(model: torch.nn.Module, config: PruneConfig, ctx: StageContext) -> PassOutput:
     adapter = ctx.adapter
     before = sum(p.numel() for p in model.parameters())
+    if config.hidden:
+        check_tied(model, adapter)
     with torch.no_grad():
-        scores = l1_scores(model, adapter)
-        if config.importance == "activation" or config.depth:
-            act = activation_scores(model, adapter, ctx.calibration(), config.batch_size, ctx.device)
-            scores |= act if config.importance == "activation" else {"blocks": act["blocks"]}
+        scores = importance(model, config, ctx)
         kept = kept_layers(model.config, config, scores)
         new_config = pruned_config(model.config, adapter, config, kept)
         sizes, _ = new_sizes(model.config, adapter, config)
         surgeon = Surgeon(dict(model.state_dict()), model.config, adapter, config, scores)
         for old in kept:
             surgeon.prune_layer(old, sizes)
+        if config.hidden:
+            surgeon.hidden(sizes["hidden_size"])
         surgeon.renumber(kept)
         pruned = AutoModelForCausalLM.from_config(new_config, dtype=next(model.parameters()).dtype)
         pruned.load_state_dict(surgeon.sd, strict=True)
         pruned.generation_config = model.generation_config
     after = sum(p.numel() for p in pruned.parameters())
     summary = {"params_before": before, "params_after": after, "removed_pct": 100.0 * (1 - after / before),
-               "kept_layers": kept, "sizes": sizes, "importance": config.importance}  # fmt: skip
-    files = {"importance.safetensors": {k.replace("/", "_"): v.float().contiguous() for k, v in scores.items()}}
+               "kept_layers": kept, "sizes": sizes, "importance": config.importance,
+               "kept": {k: v for k, v in surgeon.kept_summary.items() if k != "hidden"}}  # fmt: skip
+    tensors = {k.replace("/", "_"): v.float().contiguous() for k, v in scores.items()}
+    if "hidden" in surgeon.kept_summary:
+        tensors["kept.hidden"] = torch.tensor(surgeon.kept_summary["hidden"], dtype=torch.int64)
+    files = {"importance.safetensors": tensors}
     return PassOutput(pruned.eval(), quant=None, summary=summary, files=files, quant_invalidated=True)

@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -39,11 +38,15 @@ FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
 def pack_codes(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Unsigned codes (2-D) -> int32 words, packed along `dim` (0 or 1)."""
     signed = (codes.to(torch.int32) - (1 << (bits - 1))).to(torch.int8)
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32  # only when packing
+
     return pack_to_int32(signed, bits, packed_dim=dim)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape, dim: int) -> torch.Tensor:
     """int32 words -> unsigned codes of `shape` (2-D), int32."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
     signed = unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=dim)
     return signed.to(torch.int32) + (1 << (bits - 1))
 

@@ -21,13 +21,27 @@ class ModelInfo:
     n_params: int
     vocab_size: int
     max_positions: int | None
+    directory: Path | None = None  # the checkpoint, where the model came from one
 
     def bytes(self, dtype: str) -> int:
         return self.n_params * DTYPE_BYTES[dtype]
 
 
 def inspect_model(directory: Path, trust_remote_code: bool = False) -> ModelInfo:
-    return inspect_config(load_config(directory, trust_remote_code), trust_remote_code)
+    info = inspect_config(load_config(directory, trust_remote_code), trust_remote_code)
+    info.directory = directory
+    return info
+
+
+def read_tensors(directory: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """The named tensors found in a checkpoint's safetensors shards (absent names are left out)."""
+    from safetensors import safe_open
+
+    found = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            found |= {name: f.get_tensor(name) for name in names & set(f.keys())}
+    return found
 
 
 def inspect_config(config, trust_remote_code: bool = False) -> ModelInfo:

@@ -26,6 +26,7 @@ from dscompress.calibrate.metrics import BaselineRef, evaluate
 from dscompress.compress import ste
 from dscompress.compress.distill_train import Capture, Loop, Shapes, load_weights
 from dscompress.errors import RecipeError
+from dscompress.models.adapters import adapter_for
 
 
 @dataclass
@@ -146,7 +147,7 @@ def prepare(model, config, ctx) -> Job:
                ctx.dtype, ctx.quant, teacher_cfg.hidden_size)  # fmt: skip
 
 
-def precompute_topk(job: Job, device: torch.device, progress=None) -> Path:
+def precompute_topk(job: Job, device: torch.device) -> Path:
     """The teacher's top-k log-probs at the run's temperature for every training window, cached on disk."""
     from dscompress.models.sources import load_model
 
@@ -180,7 +181,7 @@ def make_teacher(job: Job, device: torch.device, topk: Path | None):
     capture = None
     if job.config.hidden:
         wanted = sorted({job.shapes.layer_map[j] for j in job.config.hidden.layers})
-        capture = Capture(teacher.model.layers, wanted)
+        capture = Capture(adapter_for(teacher.config).layers(teacher), wanted)
 
     def forward(rows, ids):
         with torch.no_grad():
@@ -197,7 +198,7 @@ def build_loop(job: Job, student, acc, on_progress, evaluate) -> Loop:
     teacher, teacher_cap = make_teacher(job, acc.device, topk)
     projections, capture = torch.nn.ModuleDict(), None
     if cfg.hidden:
-        student_cap = Capture(student.model.layers, cfg.hidden.layers)
+        student_cap = Capture(adapter_for(student.config).layers(student), cfg.hidden.layers)
         t_width = len(job.shapes.hidden_index) if job.shapes.hidden_index else job.teacher_width
         s_width = student.config.get_text_config().hidden_size
         if s_width != t_width:

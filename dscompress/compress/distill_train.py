@@ -191,7 +191,7 @@ class Loop:
 
     acc: object  # accelerate.Accelerator
     student: torch.nn.Module
-    teacher: Callable  # (ids) -> teacher logits or top-k pair; also fills teacher hidden capture
+    teacher: Callable  # (rows, ids) -> teacher logits or top-k pair; also fills the teacher hidden capture
     windows: torch.Tensor
     cfg: object  # DistillConfig
     seed: int
@@ -283,7 +283,7 @@ class Loop:
             by_time = state.step + int((cfg.budget.minutes * 60 - (time.perf_counter() - started)) / per_step)
             state.total_steps = self._agree(min(by_time, tokens_steps or by_time))
 
-    def _evaluate(self, model, loss: float) -> bool:
+    def _evaluate(self, model, loss: float | None) -> bool:
         stop = False
         if self.acc.is_main_process and self.evaluate is not None:
             model.eval()
@@ -307,7 +307,7 @@ class Loop:
         started, first_step = time.perf_counter() - self.state.elapsed_s, self.state.step
         tokens0, elapsed0 = self.state.tokens, self.state.elapsed_s
         self._fix_schedule(started, first_step)
-        reason = "gate" if self.state.step == 0 and self._evaluate(model, float("nan")) else None  # the start
+        reason = "gate" if self.state.step == 0 and self._evaluate(model, None) else None  # the starting point
         timed = self.cfg.budget.minutes is not None  # only wall-clock stops can differ between ranks
         while reason is None:
             reason = self._agree(self._stop_reason(started)) if timed else self._stop_reason(started)

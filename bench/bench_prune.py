@@ -81,12 +81,17 @@ def variants(importance: str, once: bool):
 def peer_rows(args, source: Path, windows: Path, targets: list[float], rows: list) -> None:
     python = Path(sys.executable) if args.peer_python else ensure_venv(
         HERE / ".venvs", "torch-pruning", ["torch==2.13.0", "torch-pruning==1.6.0", "transformers"])  # fmt: skip
-    for target in targets:
-        job = {"tag": f"torch-pruning-{target}", "model": str(source), "windows": str(windows), "target": target,
-               "baseline": str(args.work / BASELINE_FILE), "output": str(args.work / f"tp-{target}")}  # fmt: skip
-        result = run_worker(python, "torch_pruning_worker.py", job, args.work)
-        rows.append({"target": target, "variant": "torch-pruning 1.6 (LLM example settings)", **result})
-        print(json.dumps(rows[-1]), flush=True)
+    labels = {"mlp": "torch-pruning 1.6 (LLM example settings, attention ignored)",
+              "all": "torch-pruning 1.6 (LLM example settings, attention and MLP)"}  # fmt: skip
+    for scope in args.tp_scopes.split(","):
+        failed = None
+        for target in targets:
+            job = {"tag": f"tp-{scope}-{target}", "model": str(source), "windows": str(windows), "target": target,
+                   "scope": scope, "baseline": str(args.work / BASELINE_FILE)}  # fmt: skip
+            result = failed or run_worker(python, "torch_pruning_worker.py", job, args.work, args.peer_timeout)
+            failed = result if "error" in result else None  # a grouping that never closes does not at any ratio
+            rows.append({"target": target, "variant": labels[scope], **result})
+            print(json.dumps(rows[-1]), flush=True)
 
 
 def main() -> None:
@@ -96,6 +101,9 @@ def main() -> None:
     ap.add_argument("--importance", default="activation,l1")
     ap.add_argument("--no-peer", action="store_true", help="skip torch-pruning")
     ap.add_argument("--peer-python", action="store_true", help="run torch-pruning in this interpreter (GPU host)")
+    ap.add_argument("--tp-scopes", default="mlp,all", help="torch-pruning runs: mlp (attention ignored), all")
+    ap.add_argument("--peer-timeout", type=float, default=1800, help="seconds before a peer run is stopped")
+    ap.add_argument("--variants", default="", help="only these of our variants (labels, comma-separated)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=HERE / ".work" / "prune")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "prune_cpu.json")
@@ -114,6 +122,8 @@ def main() -> None:
     for target in targets:
         for n, importance in enumerate(args.importance.split(",")):
             for label, make in variants(importance, once=n == 0).items():
+                if args.variants and label not in args.variants.split(","):
+                    continue
                 cfg = solve(model.config, adapter, make, total, target)
                 if cfg is None:
                     rows.append({"target": target, "variant": label, "error": "cannot reach this size"})

@@ -58,6 +58,17 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.C
     )  # fmt: skip
 
 
+def cli_here(*args: str) -> subprocess.CompletedProcess:
+    """The same `dscompress` app in this process (typer's test runner): for the many bad-input cases that stop
+    before any compute, so each pays no fresh import of torch and transformers (about 6 s on 2 cores)."""
+    from typer.testing import CliRunner
+
+    from dscompress.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
 TINY_RECIPE = """
 model: {{path: "{model}"}}
 data:

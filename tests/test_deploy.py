@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cli, tiny_recipe, write_recipe
+from conftest import cli, cli_here, tiny_recipe, write_recipe
 from test_pipeline import run_recipe
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -46,8 +46,8 @@ def one_line_error(result, expect: str) -> None:
 )
 def test_validate_rejects_impossible_targets_before_any_compute(tmp_path, stage, target, expect):
     recipe = write_recipe(tmp_path / "r.yaml", f"model: {{path: 'tiny:llama'}}\nstages: [{stage}]\ntarget: {target}\n")
-    one_line_error(cli("validate", str(recipe)), expect)
-    one_line_error(cli("run", str(recipe), "--out", str(tmp_path / "out")), expect)
+    one_line_error(cli_here("validate", str(recipe)), expect)
+    one_line_error(cli_here("run", str(recipe), "--out", str(tmp_path / "out")), expect)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -57,7 +57,7 @@ def test_bfloat16_is_refused_on_orin(tmp_path):
         "model: {path: 'tiny:llama', dtype: bfloat16}\n"
         f"stages: [{{rtn: {{bits: 8, group_size: -1}}}}]\ntarget: {ORIN}\n",
     )
-    one_line_error(cli("validate", str(recipe)), "bfloat16 does not run on orin-nx-16gb")
+    one_line_error(cli_here("validate", str(recipe)), "bfloat16 does not run on orin-nx-16gb")
 
 
 def _long_context_model(tmp_path):
@@ -82,7 +82,9 @@ def test_weights_plus_kv_cache_above_device_memory_is_refused(tmp_path):
         f"model: {{path: '{model}'}}\nstages: [{{rtn: {{bits: 8, group_size: -1}}}}]\n"
         "target: {device: orin-nano-8gb, jetpack: '6.2', max_context: 200000, max_batch: 32}\n",
     )
-    one_line_error(cli("validate", str(recipe)), "KV cache 6.10 GiB at 200000 tokens x batch 32 exceed the 6.0 GiB")
+    one_line_error(
+        cli_here("validate", str(recipe)), "KV cache 6.10 GiB at 200000 tokens x batch 32 exceed the 6.0 GiB"
+    )
 
 
 def test_plan_predicts_decode_tokens_per_second_from_the_roofline(tmp_path):

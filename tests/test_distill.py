@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_RECIPE, cli, run_and_sigkill, write_recipe
-from safetensors.torch import load_file
+from conftest import TINY_RECIPE, cli, cli_here, run_and_sigkill, write_recipe
+from safetensors.torch import load_file, save_file
 from test_pipeline import run_recipe
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -121,7 +121,7 @@ def other_vocabulary(path):
 )  # fmt: skip
 def test_bad_options_are_one_line_errors(tmp_path, stages, expect):
     stages = stages.replace("VOCAB", str(other_vocabulary(tmp_path / "other")))
-    result = cli("run", str(recipe(tmp_path, stages)), "--out", str(tmp_path / "out"))
+    result = cli_here("run", str(recipe(tmp_path, stages)), "--out", str(tmp_path / "out"))
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == EXIT_BAD_INPUT and expect in lines[0], result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
@@ -129,7 +129,7 @@ def test_bad_options_are_one_line_errors(tmp_path, stages, expect):
 
 def test_w8a8_student_is_refused(tmp_path):
     int8 = "  - int8: {fallback: none}\n"
-    result = cli("run", str(recipe(tmp_path, int8 + distill())), "--out", str(tmp_path / "out"))
+    result = cli_here("run", str(recipe(tmp_path, int8 + distill())), "--out", str(tmp_path / "out"))
     assert result.returncode == EXIT_BAD_INPUT and "distill before the int8 stage" in result.stderr, result.stderr
     assert (tmp_path / "out" / "1-int8").is_dir() and not (tmp_path / "out" / "2-distill").exists()
 
@@ -158,3 +158,21 @@ def test_plan_reports_training_memory_and_prune_advice(tmp_path):
     prune, train = plan["stages"]
     assert plan["params"] > prune["params"] == train["params"]  # the header is the source model
     assert train["train_memory_bytes"] > 16 * train["params"] and "lost least" in prune["advice"]
+
+
+def test_topk_cache_key_follows_the_teachers_weights_and_the_text(tmp_path):
+    from types import SimpleNamespace
+
+    from dscompress.compress.distill_loop import _topk_key
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(resolve("tiny:llama").directory, teacher)
+    train = torch.arange(64).reshape(4, 16)
+    job = SimpleNamespace(teacher_dir=teacher, train=train, dtype="float32")
+    key = _topk_key(job)
+    assert _topk_key(SimpleNamespace(teacher_dir=teacher, train=train + 1, dtype="float32")) != key
+    weights = load_file(str(teacher / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    save_file(weights, str(teacher / "model.safetensors"))
+    assert _topk_key(job) != key

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import cli, tiny_recipe
+from conftest import cli_here, tiny_recipe
 from test_pipeline import run_recipe
 from transformers import AutoModelForCausalLM
 
@@ -167,7 +167,7 @@ def test_fallback_keeps_the_most_sensitive_sites(tmp_path):
 def test_bad_int8_options_are_one_line_errors(tmp_path, stage, expect):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {{path: 'tiny:llama'}}\nstages: [{stage}]\n")
-    result = cli("run", str(recipe), "--out", str(tmp_path / "out"))
+    result = cli_here("run", str(recipe), "--out", str(tmp_path / "out"))
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == EXIT_BAD_INPUT and len(lines) == 1 and expect in lines[0], result.stderr
 

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-from conftest import cli, tiny_recipe, write_recipe
+from conftest import cli, cli_here, tiny_recipe, write_recipe
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dscompress.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_LOCKED
@@ -127,7 +127,7 @@ def test_bad_input_is_one_line_with_exit_2_and_writes_nothing(tmp_path, recipe_t
     if recipe_text == "output_is_file":
         out.write_text("not a directory")
         recipe_text = "model: {path: 'tiny:llama'}\nstages: [{rtn: {}}]\n"
-    result = cli("run", str(write_recipe(tmp_path / "r.yaml", recipe_text)), "--out", str(out))
+    result = cli_here("run", str(write_recipe(tmp_path / "r.yaml", recipe_text)), "--out", str(out))
     assert result.returncode == EXIT_BAD_INPUT, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and expect in lines[0] and "Traceback" not in result.stderr, result.stderr
@@ -143,7 +143,7 @@ def test_group_size_must_divide_widths(tmp_path):
     recipe = write_recipe(
         tmp_path / "r.yaml", f"model: {{path: '{tmp_path / 'm'}'}}\nstages:\n  - rtn: {{group_size: 64}}\n"
     )
-    result = cli("validate", str(recipe))
+    result = cli_here("validate", str(recipe))
     assert result.returncode == EXIT_BAD_INPUT
     assert "r.yaml:3: stages[0].rtn.group_size: 64 does not divide in_features 96" in result.stderr
     assert "use one of 32, -1" in result.stderr

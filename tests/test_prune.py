@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import cli, tiny_recipe
+from conftest import cli_here, tiny_recipe
 from safetensors.torch import load_file, save_file
 from test_pipeline import run_recipe
 from transformers import AutoModelForCausalLM
@@ -114,7 +114,7 @@ def test_importance_is_deterministic(tmp_path):
 )
 def test_bad_targets_are_one_line_errors(tmp_path, arch, prune, expect):
     recipe = tiny_recipe(tmp_path / "r.yaml", f"tiny:{arch}", f"  - prune: {prune}")
-    result = cli("run", str(recipe), "--out", str(tmp_path / "out"))
+    result = cli_here("run", str(recipe), "--out", str(tmp_path / "out"))
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == EXIT_BAD_INPUT and expect in lines[0], result.stderr
     assert "Traceback" not in result.stderr
@@ -128,9 +128,9 @@ def test_hidden_pruning_refuses_tied_weights_that_disagree(tmp_path):
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 0.01
     save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
     recipe = tiny_recipe(tmp_path / "r.yaml", str(source), "  - prune: {hidden: {ratio: 0.25}}")
-    result = cli("run", str(recipe), "--out", str(tmp_path / "out"))
+    result = cli_here("run", str(recipe), "--out", str(tmp_path / "out"))
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == EXIT_BAD_INPUT and "lm_head.weight differs" in lines[0], result.stderr
     assert "stages[0].prune.hidden" in lines[0] and not (tmp_path / "out" / "1-prune").exists()
     ok = tiny_recipe(tmp_path / "ok.yaml", str(source), "  - prune: {mlp: {ratio: 0.25}}")
-    assert cli("validate", str(ok)).returncode == 0  # other dimensions are fine
+    assert cli_here("validate", str(ok)).returncode == 0  # other dimensions are fine

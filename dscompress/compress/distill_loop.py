@@ -10,6 +10,7 @@ and loads rank 0's result.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dscompress.atomic import sha256_file
 from dscompress.calibrate.metrics import BaselineRef, evaluate
 from dscompress.compress import ste
 from dscompress.compress.distill_train import Capture, Loop, Shapes, load_weights
@@ -151,8 +153,7 @@ def precompute_topk(job: Job, device: torch.device) -> Path:
     """The teacher's top-k log-probs at the run's temperature for every training window, cached on disk."""
     from dscompress.models.sources import load_model
 
-    cfg = job.config
-    path = job.state_dir / f"teacher-top{cfg.teacher_topk}-T{cfg.temperature:g}.safetensors"
+    cfg, path = job.config, topk_path(job)
     if path.is_file():
         return path
     teacher = load_model(job.teacher_dir, job.dtype).to(device).eval()
@@ -168,6 +169,23 @@ def precompute_topk(job: Job, device: torch.device) -> Path:
     os.replace(tmp, path)
     del teacher
     return path
+
+
+def topk_path(job: Job) -> Path:
+    cfg = job.config
+    return job.state_dir / f"teacher-top{cfg.teacher_topk}-T{cfg.temperature:g}-{_topk_key(job)}.safetensors"
+
+
+def _topk_key(job: Job) -> str:
+    """Content key of a top-k cache: the teacher's weights and config, the training windows and the dtype, so a
+    teacher path whose files changed (or other text) never reuses stale log-probs."""
+    digest = hashlib.sha256()
+    for p in sorted(job.teacher_dir.iterdir()):
+        if p.name == "config.json" or (p.suffix == ".safetensors" and p.name.startswith("model")):
+            digest.update(f"{p.name}:{sha256_file(p)}".encode())
+    digest.update(job.train.numpy().tobytes())
+    digest.update(str(job.dtype).encode())
+    return digest.hexdigest()[:16]
 
 
 def make_teacher(job: Job, device: torch.device, topk: Path | None):
@@ -193,8 +211,7 @@ def make_teacher(job: Job, device: torch.device, topk: Path | None):
 def build_loop(job: Job, student, acc, on_progress, evaluate) -> Loop:
     """The loop with the student parametrized onto its grid (STE) and hidden-state captures wired."""
     cfg = job.config
-    topk = job.state_dir / f"teacher-top{cfg.teacher_topk}-T{cfg.temperature:g}.safetensors" \
-        if cfg.teacher_topk else None  # fmt: skip
+    topk = topk_path(job) if cfg.teacher_topk else None
     teacher, teacher_cap = make_teacher(job, acc.device, topk)
     projections, capture = torch.nn.ModuleDict(), None
     if cfg.hidden:

@@ -71,13 +71,14 @@ class EngineLM:
         return tokens, {"prefill_s": prefill_s, "decode_ms_per_token": ms}
 
 
-def open_lm(path: Path):
+def open_lm(path: Path, exact_qdq: bool = True):
+    """`exact_qdq=False` lets ONNX Runtime fuse Q/DQ into its int8 kernels: what latency runs measure."""
     from dscompress.export.ort_runner import OrtLM
 
     if (path / "model.engine").is_file() and (path / "export.json").is_file():
         return EngineLM(path)
     if is_onnx_dir(path):
-        return OrtLM(path)
+        return OrtLM(path, exact_qdq=exact_qdq)
     if (path / "config.json").is_file():
         return TorchLM(path)
     raise ModelSourceError(f"{path}: neither an exported ONNX directory (export.json) nor a checkpoint directory")
@@ -90,7 +91,7 @@ def tokenizer_for(path: Path):
 
 
 def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    lm = open_lm(path)
+    lm = open_lm(path, exact_qdq=False)
     prompt = torch.arange(prompt_len) % 1000 + 100  # fixed ids: latency does not depend on the text
     lm.greedy(prompt, 2)  # warm-up
     runs = [lm.greedy(prompt, new_tokens)[1] for _ in range(repeats)]

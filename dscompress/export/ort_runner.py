@@ -16,12 +16,12 @@ MODEL_FILE = "model.onnx"
 class OrtLM:
     """The exported graph in an ONNX Runtime session, driven by the bundle runner's KV-cache loop."""
 
-    def __init__(self, directory: Path, threads: int = 0):
+    def __init__(self, directory: Path, threads: int = 0, exact_qdq: bool = True):
         from dscompress.export import bundle_runner
 
         self.directory = Path(directory)
         self.meta = json.loads((self.directory / "export.json").read_text())
-        backend = bundle_runner.OrtBackend(self.directory / MODEL_FILE, self.meta, threads)
+        backend = bundle_runner.OrtBackend(self.directory / MODEL_FILE, self.meta, threads, exact_qdq)
         self.gen = bundle_runner.Generator(backend, self.meta)
         self.empty_past, self.step = self.gen.empty_past, self.gen.step
 

@@ -41,11 +41,9 @@ def test_fp32_export_with_kv_cache_matches_torch(tmp_path, arch):
 
 
 def test_int8_and_int4_graphs_follow_their_targets(tmp_path):
-    # The tiny random model is near-uniform, so its argmax flips on 1e-4 differences: top-1 parity gets a loose
-    # bound here, while the KL and perplexity parity bounds stay at their defaults.
     stages = (
         "  - int8: {calibration: kl, fallback: none}\n    gate: {kl: {max: 0.5}}\n"
-        "    onnx: {targets: [onnx, onnx-ort], parity: {max_top1_diff: 0.1}}\n"
+        "    onnx: {targets: [onnx, onnx-ort]}\n"
         "  - name: w4\n    rtn: {bits: 4, group_size: 32, symmetric: true}\n    gate: {kl: {max: 1.0}}\n"
         "    onnx: {targets: [onnx, onnx-ort]}"
     )

@@ -125,6 +125,7 @@ class Job:
     dtype: str
     quant: object | None  # the student's QuantState (weight-only), or None
     teacher_width: int
+    topk_file: Path | None = None  # the teacher's cached top-k log-probs, once precompute_topk wrote them
 
 
 def prepare(model, config, ctx) -> Job:
@@ -211,8 +212,7 @@ def make_teacher(job: Job, device: torch.device, topk: Path | None):
 def build_loop(job: Job, student, acc, on_progress, evaluate) -> Loop:
     """The loop with the student parametrized onto its grid (STE) and hidden-state captures wired."""
     cfg = job.config
-    topk = topk_path(job) if cfg.teacher_topk else None
-    teacher, teacher_cap = make_teacher(job, acc.device, topk)
+    teacher, teacher_cap = make_teacher(job, acc.device, job.topk_file)
     projections, capture = torch.nn.ModuleDict(), None
     if cfg.hidden:
         student_cap = Capture(adapter_for(student.config).layers(student), cfg.hidden.layers)
@@ -249,8 +249,8 @@ def run(job: Job, model, ctx) -> Result:
         raise RecipeError(f"distill: micro-batches of {cfg.batch_size // cfg.grad_accum} windows do not split "
                           f"across {world} devices; make batch_size / grad_accum a multiple of {world}")  # fmt: skip
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
-    if cfg.teacher_topk:
-        precompute_topk(job, ctx.device)
+    if cfg.teacher_topk:  # hashed and written once here; workers get the path
+        job.topk_file = precompute_topk(job, ctx.device)
     task = ctx.progress.add_task("distill", total=None)
 
     def on_progress(info: dict) -> None:
@@ -297,6 +297,7 @@ def launch(job: Job, model, world: int, bf16: bool, device: torch.device, on_pro
     spec = {
         "config": job.config.model_dump(mode="json"), "teacher_dir": str(job.teacher_dir),
         "input_dir": str(job.input_dir) if job.input_dir else None, "state_dir": str(job.state_dir),
+        "topk_file": str(job.topk_file) if job.topk_file else None,
         "seed": job.seed, "layer_map": job.shapes.layer_map, "hidden_index": job.shapes.hidden_index,
         "dtype": job.dtype, "teacher_width": job.teacher_width, "bf16": bf16, "device": device.type,
         "quantized": job.quant is not None,

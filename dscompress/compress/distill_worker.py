@@ -42,7 +42,7 @@ def main(path: Path) -> None:
                           ev["previous"]) if ev and acc.is_main_process else None  # fmt: skip
     job = Job(config, Path(spec["teacher_dir"]), input_dir, windows["train"], evaluation, Path(spec["state_dir"]),
               spec["seed"], Shapes(spec["layer_map"], spec["hidden_index"]), spec["dtype"], quant,
-              spec["teacher_width"])  # fmt: skip
+              spec["teacher_width"], Path(spec["topk_file"]) if spec["topk_file"] else None)  # fmt: skip
 
     def on_progress(info: dict) -> None:
         if acc.is_main_process:

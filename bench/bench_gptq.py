@@ -44,6 +44,17 @@ def ensure_venv(root: Path, name: str, requirements: list[str] | None = None) ->
     return python
 
 
+def peer_versions(python: Path) -> dict:
+    """The versions a venv actually resolved (the pins leave transformers and the rest free)."""
+    code = "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))"
+    found = {}
+    for name in ("torch", "transformers", "accelerate", "gptqmodel", "llmcompressor", "compressed-tensors"):
+        proc = subprocess.run([str(python), "-c", code, name], capture_output=True, text=True)
+        if proc.returncode == 0:
+            found[name] = proc.stdout.strip()
+    return found
+
+
 def run_worker(python: Path, worker: str, spec: dict, work: Path, timeout: float | None = None) -> dict:
     """Run a peer's worker in its own interpreter; a crash or a run past `timeout` seconds becomes an error row."""
     job = work / f"{spec['tag']}.job.json"
@@ -108,6 +119,8 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cores (CPU)",
         "command": " ".join(sys.argv), "baseline": base, "rows": rows, "gptqmodel_loads_ours": loaded,
+        "versions": {tool: peer_versions(ensure_venv(args.venv_root, tool)) for tool in PEERS}
+        | {"dscompress": peer_versions(Path(sys.executable))},
         "settings": vars(args) | {"venv_root": str(args.venv_root), "work": str(args.work), "out": str(args.out)},
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
 from dscompress.compress.gptq import GPTQConfig, apply
 from dscompress.context import StageContext, make_progress
@@ -32,6 +32,21 @@ SHAPES = {
         num_key_value_heads=3,
         tie_word_embeddings=True,
         max_position_embeddings=8192,
+    ),  # fmt: skip
+    # Qwen3-30B-A3B's layer shape (128 experts, 8 routed per token), 8 of its 48 layers: 5.6 B parameters
+    "qwen3-moe-30b-a3b-8l": lambda: Qwen3MoeConfig(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
     ),  # fmt: skip
     "qwen2.5-7b": lambda: Qwen2Config(
         vocab_size=152064,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dscompress.compress.gptq_math import HessianAccumulator, gptq_quantize, inverse_hessian_factor
+from dscompress.compress.gptq_math import HessianAccumulator, gptq_quantize, inverse_hessian_factor, visiting_order
 from dscompress.compress.quant import fake_quantize, minmax_qparams, quantize_codes
 
 
@@ -29,7 +29,7 @@ def test_running_mean_hessian_equals_batch_formula():
     assert torch.allclose(hessian(X), 2 * X.t() @ X / len(X), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order", [False, True, "group"])
 @pytest.mark.parametrize(("bits", "group_size", "sym"), [(4, 32, True), (4, 64, False), (3, -1, True), (2, 32, False)])
 def test_gptq_beats_rtn_on_output_error(bits, group_size, sym, act_order):
     X = correlated_inputs()
@@ -79,3 +79,20 @@ def test_rows_are_independent_so_shared_input_weights_can_be_stacked():
     a, b = torch.randn(8, 128), torch.randn(24, 128)
     both = gptq_quantize(torch.cat([a, b]), H.clone(), 4, 32, True)  # H is consumed: give each call its own
     assert torch.allclose(both.weight[:8], gptq_quantize(a, H.clone(), 4, 32, True).weight, atol=1e-6)
+
+
+def test_group_aware_order_keeps_groups_contiguous_and_takes_grids_from_compensated_weights():
+    diag = torch.rand(128, generator=torch.Generator().manual_seed(3))
+    perm = visiting_order(diag, 32, "group")
+    assert sorted(perm.tolist()) == list(range(128))
+    groups = (perm // 32).reshape(4, 32)
+    assert all(len(set(row.tolist())) == 1 for row in groups)  # each group visited in one contiguous run
+    assert groups[0, 0] == diag.reshape(4, 32).amax(1).argmax()  # the group holding the largest diagonal first
+    X = correlated_inputs()
+    W = torch.randn(16, 128)
+    res = gptq_quantize(W, hessian(X), 4, 32, False, act_order="group")
+    assert torch.equal(res.g_idx, torch.arange(128, dtype=torch.int32) // 32)
+    assert not torch.equal(res.scale, minmax_qparams(W, 4, 32, False)[0])  # not static: from updated weights
+    codes = quantize_codes(res.weight, res.scale, res.zero, 4, 32)
+    rebuilt = ((codes.float().reshape(16, 4, 32) - res.zero.unsqueeze(-1)) * res.scale.unsqueeze(-1)).reshape(16, 128)
+    assert torch.equal(rebuilt, res.weight)

@@ -13,10 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +23,7 @@ from dscompress.atomic import sha256_file
 from dscompress.calibrate.metrics import BaselineRef, evaluate
 from dscompress.compress import ste
 from dscompress.compress.distill_train import Capture, Loop, Shapes, load_weights
+from dscompress.compress.workers import run_workers, world_size
 from dscompress.errors import RecipeError
 from dscompress.models.adapters import adapter_for
 
@@ -82,15 +79,6 @@ class Local:
 
     def wait_for_everyone(self):
         pass
-
-
-def world_size(config, device: torch.device) -> int:
-    if config.devices == "auto":
-        return torch.cuda.device_count() if device.type == "cuda" else 1
-    if device.type == "cuda" and config.devices > torch.cuda.device_count():
-        raise RecipeError(f"distill.devices: {config.devices} but {torch.cuda.device_count()} GPUs are visible. "
-                          "Fix: lower devices or use auto")  # fmt: skip
-    return config.devices
 
 
 def layer_map(student_layers: int, teacher_layers: int, kept: list[int] | None) -> list[int]:
@@ -244,7 +232,7 @@ def describe(info: dict) -> str:
 
 def run(job: Job, model, ctx) -> Result:
     cfg = job.config
-    world = world_size(cfg, ctx.device)
+    world = world_size(cfg.devices, ctx.device, "distill")
     if (cfg.batch_size // cfg.grad_accum) % world:
         raise RecipeError(f"distill: micro-batches of {cfg.batch_size // cfg.grad_accum} windows do not split "
                           f"across {world} devices; make batch_size / grad_accum a multiple of {world}")  # fmt: skip
@@ -280,12 +268,6 @@ def run(job: Job, model, ctx) -> Result:
     return Result(model.eval(), quant, summary)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(job: Job, model, world: int, bf16: bool, device: torch.device, on_progress) -> dict:
     """One worker per device under torch.distributed.run; returns rank 0's final TrainState (and STE owners)."""
     wdir = job.state_dir / "worker"
@@ -305,28 +287,7 @@ def launch(job: Job, model, world: int, bf16: bool, device: torch.device, on_pro
                  "previous": ev.previous} if ev else None,
     }  # fmt: skip
     (wdir / "job.json").write_text(json.dumps(spec))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={world}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "dscompress.compress.distill_worker",
-        str(wdir / "job.json"),
-    ]
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    with open(wdir / "workers.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
-            if (wdir / "progress.json").is_file():
-                with contextlib.suppress(json.JSONDecodeError, OSError):
-                    on_progress(json.loads((wdir / "progress.json").read_text()))
-            time.sleep(0.5)
-    if proc.returncode != 0:
-        tail = (wdir / "workers.log").read_text().strip().splitlines()[-1:]
-        raise RuntimeError(f"distill workers exited with {proc.returncode}: {tail}; see {wdir / 'workers.log'}")
+    run_workers("dscompress.compress.distill_worker", wdir / "job.json", world, on_progress)
     owners = ste.attach_grid(model, job.quant) if job.quant and job.config.quantized == "ste" else []
     load_weights(model, load_file(str(wdir / "final.safetensors")))
     state = json.loads((wdir / "state.json").read_text())

@@ -13,24 +13,31 @@ Only one block and the activations sit on the accelerator; the rest of the model
 Dense pre-norm blocks (every layer of Llama/Qwen2/Qwen3, DeepSeek's dense layers) take a shortcut with the same
 result, bit for bit: after one pass through attention, the MLP's inputs and the block's outputs are computed
 from the quantized weights directly (`_quantize_dense_layer`).
+With `devices` > 1 the same `quantize` runs in one worker process per device, each on its share of the windows,
+exchanging Hessians and solved rows or experts (gptq_dist.py, ranks.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import resource
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 
 from dscompress.compress.gptq_math import HessianAccumulator, gptq_quantize
-from dscompress.compress.quant import fake_quantize
+from dscompress.compress.quant import fake_quantize, n_groups
+from dscompress.compress.ranks import Local
 from dscompress.compress.rtn import WithExclude, selected
 from dscompress.compress.rtn import check as rtn_check
+from dscompress.compress.workers import world_size
 from dscompress.context import PassOutput, StageContext
+from dscompress.errors import RecipeError
 from dscompress.export.qstate import QuantState
 from dscompress.models.adapters import WeightTarget
 
@@ -42,13 +49,25 @@ class GPTQConfig(WithExclude):
     group_size: Literal[-1, 32, 64, 128] = Field(128, description="columns per scale; -1 = per output channel")
     symmetric: bool = Field(True, description="symmetric grid (zero point 2**(bits-1)) or asymmetric")
     # On by default: measured on SmolLM2 W4 g64 it cuts KL to fp32 from 0.19 to 0.11 (docs/BENCHMARKS.md), and
-    # with static groups it costs nothing at inference.
-    act_order: bool = Field(True, description="visit columns by decreasing Hessian diagonal (static groups)")
+    # the checkpoint keeps the plain g_idx, so it costs nothing at inference. true = "static".
+    act_order: bool | Literal["static", "group"] = Field(
+        True, description="visit columns by decreasing Hessian diagonal: static groups, or group-aware (gptq_math)"
+    )
     damp_frac: float = Field(0.01, gt=0, le=1, description="dampening, as a fraction of mean(diag H)")
     block_size: Literal[128, 256] = Field(128, description="columns per lazy batch update")
     true_sequential: bool = Field(True, description="re-collect inputs after each quantized group of a layer")
     batch_size: int = Field(8, ge=1, description="calibration windows per forward pass")
     moe_min_tokens: int = Field(16, ge=1, description="fewer routed tokens than this: the expert gets RTN")
+    devices: int | Literal["auto"] = Field(
+        1, description="processes (GPUs) sharing the calibration windows and the solves; auto: every visible GPU"
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("devices must be at least 1 (or auto)")
+        return v
 
 
 # The same pre-flight rule as rtn: the group size must divide every quantized width.
@@ -146,38 +165,92 @@ class _GroupHessians:
             h.remove()
 
 
-def _quantize_group(hess: _GroupHessians, config: GPTQConfig, state: QuantState, stats: dict) -> None:
-    group = hess.group
-    kw = dict(bits=config.bits, group_size=config.group_size, sym=config.symmetric, damp_frac=config.damp_frac,
-              act_order=config.act_order, block_size=config.block_size)  # fmt: skip
-    if group[0].kind == "linear":
-        # rows are independent in GPTQ: one solve for the whole group
-        stacked = torch.cat([t.param.detach() for t in group]).to(hess.acc.H.device)
-        res = gptq_quantize(stacked, hess.acc.H, **kw)
-        stats["rtn_fallback_weights"] += int(res.damp_used < 0)
-        rows = 0
-        for t in group:
-            n = t.param.shape[0]
-            t.param.data.copy_(res.weight[rows : rows + n].to(t.param.dtype))
-            state.add(t.name, t.kind, t.param.shape, res.scale[rows : rows + n].cpu(), res.zero[rows : rows + n].cpu())
-            rows += n
-        return
-    t = group[0]
-    weights, scales, zeros = [], [], []
-    for e, acc in enumerate(hess.accs):
-        w = t.param[e].detach()
-        if acc.n < config.moe_min_tokens:
-            deq, s, z = fake_quantize(w, config.bits, config.group_size, config.symmetric)
-            stats["experts_rtn_fallback"] += 1
-        else:
-            res = gptq_quantize(w, acc.H, **kw)
-            deq, s, z = res.weight, res.scale, res.zero
-            stats["rtn_fallback_weights"] += int(res.damp_used < 0)
-        weights.append(deq)
-        scales.append(s)
-        zeros.append(z)
-    t.param.data.copy_(torch.stack(weights).to(t.param.dtype))
-    state.add(t.name, t.kind, t.param.shape, torch.stack(scales).cpu(), torch.stack(zeros).cpu())
+@dataclass
+class _Run:
+    """What every step of one GPTQ pass shares: the settings, the grid being built, counters and the ranks."""
+
+    config: GPTQConfig
+    state: QuantState
+    stats: dict
+    comm: Local
+
+    def solver_args(self) -> dict:
+        c = self.config
+        return dict(bits=c.bits, group_size=c.group_size, sym=c.symmetric, damp_frac=c.damp_frac,
+                    act_order=c.act_order, block_size=c.block_size)  # fmt: skip
+
+
+def _quantize_group(hess: _GroupHessians, run: _Run) -> None:
+    if hess.group[0].kind == "linear":
+        _quantize_linears(hess.group, run.comm.reduce(hess.acc), run)
+    else:
+        _quantize_experts(hess.group[0], [run.comm.reduce(acc) for acc in hess.accs], run)
+
+
+def _quantize_linears(group: list[WeightTarget], acc: HessianAccumulator, run: _Run) -> None:
+    """One solve for the whole group (rows are independent in GPTQ); with several ranks each solves a slice of
+    the rows against the same Hessian and the slices are exchanged."""
+    stacked = torch.cat([t.param.detach() for t in group]).to(acc.H.device)
+    bounds = run.comm.slices(len(stacked))
+    lo, hi = bounds[run.comm.rank]
+    res = gptq_quantize(stacked[lo:hi], acc.H, **run.solver_args())
+    run.stats["rtn_fallback_weights"] += int(res.damp_used < 0)  # the same Hessian, so the same on every rank
+    weight, scale, zero = _full_rows(res, len(stacked), bounds, run.comm)
+    rows = 0
+    for t in group:
+        n = t.param.shape[0]
+        t.param.data.copy_(weight[rows : rows + n].to(t.param.dtype))
+        run.state.add(t.name, t.kind, t.param.shape, scale[rows : rows + n].cpu(), zero[rows : rows + n].cpu())
+        rows += n
+
+
+def _full_rows(res, n: int, bounds: list[tuple[int, int]], comm: Local):
+    if comm.world == 1:
+        return res.weight, res.scale, res.zero
+    weight = torch.empty(n, res.weight.shape[1], device=res.weight.device)
+    scale = torch.empty(n, res.scale.shape[1], device=res.weight.device)
+    zero = torch.empty(n, res.zero.shape[1], device=res.weight.device, dtype=torch.int32)
+    lo, hi = bounds[comm.rank]
+    weight[lo:hi], scale[lo:hi], zero[lo:hi] = res.weight, res.scale, res.zero
+    for src, (a, b) in enumerate(bounds):
+        comm.broadcast([weight[a:b], scale[a:b], zero[a:b]], src)
+    return weight, scale, zero
+
+
+def _quantize_experts(t: WeightTarget, accs: list[HessianAccumulator], run: _Run) -> None:
+    """Stacked experts, one Hessian each (from the tokens routed to it). Expert e is solved by rank e % ranks:
+    every rank solves its experts first, then all exchange, so the solves run side by side."""
+    config, comm = run.config, run.comm
+    results, solved = {}, []
+    for e, acc in enumerate(accs):
+        if acc.n < config.moe_min_tokens:  # acc.n counts every rank's tokens: all ranks agree
+            results[e] = (*fake_quantize(t.param[e].detach(), config.bits, config.group_size, config.symmetric), 0.0)
+            run.stats["experts_rtn_fallback"] += 1
+            continue
+        solved.append(e)
+        if e % comm.world == comm.rank:
+            res = gptq_quantize(t.param[e].detach(), acc.H, **run.solver_args())
+            results[e] = (res.weight, res.scale, res.zero, float(res.damp_used < 0))
+    for e in solved:
+        results[e] = _exchange_expert(t, e, results.get(e), run)
+        run.stats["rtn_fallback_weights"] += int(results[e][3])
+    weights, scales, zeros = (torch.stack([results[e][i] for e in range(len(accs))]) for i in range(3))
+    t.param.data.copy_(weights.to(t.param.dtype))
+    run.state.add(t.name, t.kind, t.param.shape, scales.cpu(), zeros.cpu())
+
+
+def _exchange_expert(t: WeightTarget, e: int, mine: tuple | None, run: _Run) -> tuple:
+    """Expert e's (weight, scale, zero, fallback flag) on every rank, sent by the rank that solved it."""
+    if run.comm.world == 1:
+        return mine
+    w = t.param[e]
+    g = n_groups(w.shape[-1], run.config.group_size)
+    if mine is None:
+        mine = (torch.empty(w.shape, device=w.device), torch.empty(w.shape[0], g, device=w.device),
+                torch.empty(w.shape[0], g, device=w.device, dtype=torch.int32), 0.0)  # fmt: skip
+    flag = torch.tensor([mine[3]], device=w.device)
+    run.comm.broadcast([mine[0], mine[1], mine[2], flag], e % run.comm.world)
+    return (*mine[:3], float(flag.item()))
 
 
 def _block_path(resume_dir: Path | None, index: int) -> Path | None:
@@ -202,56 +275,82 @@ def _load_block(path: Path, layer, state: QuantState, targets: list[WeightTarget
 
 
 def apply(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext) -> PassOutput:
+    world = world_size(config.devices, ctx.device, "gptq")
+    windows = len(ctx.calibration())
+    if world > windows:
+        raise RecipeError(f"gptq.devices: {world} devices but {windows} calibration windows; each device needs "
+                          "at least one. Fix: lower devices or raise data.calibration.samples")  # fmt: skip
+    if world > 1:  # one worker process per device; they write the result this process loads
+        from dscompress.compress import gptq_dist
+
+        return gptq_dist.launch(model, config, ctx, world)
+    return quantize(model, config, ctx, Local())
+
+
+def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm: Local) -> PassOutput:
+    """The pass in this process; with several ranks, on this rank's share of the calibration windows."""
     adapter, device = ctx.adapter, ctx.device
-    state = QuantState("gptq", config.bits, config.group_size, config.symmetric)
-    stats = {"rtn_fallback_weights": 0, "experts_rtn_fallback": 0, "blocks_resumed": 0}
+    run = _Run(config, QuantState("gptq", config.bits, config.group_size, config.symmetric),
+               {"rtn_fallback_weights": 0, "experts_rtn_fallback": 0, "blocks_resumed": 0}, comm)  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if ctx.resume_dir is not None:
+    if ctx.resume_dir is not None and comm.rank == 0:
         ctx.resume_dir.mkdir(parents=True, exist_ok=True)
+    windows, started = ctx.calibration(), time.perf_counter()
     with torch.no_grad():
-        batches = capture_layer_inputs(model, adapter, ctx.calibration(), config.batch_size, device)
+        batches = capture_layer_inputs(model, adapter, windows.tensor_split(comm.world)[comm.rank],
+                                       config.batch_size, device)  # fmt: skip
         layers = adapter.layers(model)
         for index in ctx.track(range(len(layers)), f"gptq int{config.bits} g{config.group_size}"):
             layer = layers[index].to(device)
-            groups = [g for g in (selected(g, config.exclude) for g in adapter.block_linears(model, index)) if g]
-            path, outs = _block_path(ctx.resume_dir, index), None
-            if path is not None and path.exists():
-                _load_block(path, layer, state, [t for g in groups for t in g])
-                stats["blocks_resumed"] += 1
-            else:
-                parts = _dense_parts(adapter, model, index, groups) if config.true_sequential else None
-                if parts is not None:
-                    outs = _quantize_dense_layer(layer, groups, batches, parts, config, state, stats)
-                else:
-                    _quantize_layer(layer, groups, batches, config, state, stats)
-                if path is not None:
-                    _save_block(path, layer, state, [t.name for g in groups for t in g])
+            outs = _quantize_block(model, adapter, index, layer, batches, run, _block_path(ctx.resume_dir, index))
             if outs is None:
                 outs = _run_layer(layer, batches)
             batches = [(out, kwargs) for out, (_, kwargs) in zip(outs, batches, strict=True)]
             layers[index] = layer.to("cpu")
-        _quantize_lm_head(model, adapter, batches, config, state, stats)
-    stats["peak_accelerator_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    stats["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    stats["quantized_weights"] = len(state.targets)
-    stats["calibration_tokens"] = int(ctx.calibration().numel())
-    return PassOutput(model, quant=state, summary=stats)
+        _quantize_lm_head(model, adapter, batches, run)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    run.stats["peak_accelerator_bytes"] = comm.max(peak)  # per device: the largest
+    run.stats["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run.stats["quantized_weights"] = len(run.state.targets)
+    run.stats["calibration_tokens"] = int(windows.numel())
+    run.stats["devices"] = comm.world
+    run.stats["pass_seconds"] = round(time.perf_counter() - started, 2)  # inside this process (worker)
+    return PassOutput(model, quant=run.state, summary=run.stats)
 
 
-def _quantize_layer(layer, groups, batches, config: GPTQConfig, state: QuantState, stats: dict) -> None:
-    if config.true_sequential:
+def _quantize_block(model, adapter, index: int, layer, batches, run: _Run, path: Path | None):
+    """Quantize (or resume) decoder block `index`; returns its outputs when the dense shortcut computed them."""
+    groups = [g for g in (selected(g, run.config.exclude) for g in adapter.block_linears(model, index)) if g]
+    if run.comm.agree(path is not None and path.exists()):  # rank 0 decides: every rank loads the same file
+        _load_block(path, layer, run.state, [t for g in groups for t in g])
+        run.stats["blocks_resumed"] += 1
+        return None
+    parts = _dense_parts(adapter, model, index, groups) if run.config.true_sequential else None
+    outs = None
+    if parts is not None:
+        outs = _quantize_dense_layer(layer, groups, batches, parts, run)
+    else:
+        _quantize_layer(layer, groups, batches, run)
+    if path is not None and run.comm.rank == 0:
+        _save_block(path, layer, run.state, [t.name for g in groups for t in g])
+    return outs
+
+
+def _quantize_layer(layer, groups, batches, run: _Run) -> None:
+    device = batches[0][0].device
+    if run.config.true_sequential:
         for group in groups:
-            hess = _GroupHessians(group, batches[0][0].device, stop=True)
+            hess = _GroupHessians(group, device, stop=True)
             _run_layer(layer, batches)
             hess.remove()
-            _quantize_group(hess, config, state, stats)
+            _quantize_group(hess, run)
         return
-    hessians = [_GroupHessians(group, batches[0][0].device) for group in groups]
+    hessians = [_GroupHessians(group, device) for group in groups]
     _run_layer(layer, batches)
     for hess in hessians:
         hess.remove()
-        _quantize_group(hess, config, state, stats)
+        _quantize_group(hess, run)
 
 
 def _dense_parts(adapter, model, index: int, groups: list[list[WeightTarget]]):
@@ -273,7 +372,7 @@ def _dense_parts(adapter, model, index: int, groups: list[list[WeightTarget]]):
     )
 
 
-def _quantize_dense_layer(layer, groups, batches, parts, config: GPTQConfig, state: QuantState, stats: dict):
+def _quantize_dense_layer(layer, groups, batches, parts, run: _Run):
     """True-sequential GPTQ of a dense pre-norm block with one attention pass instead of four layer passes.
 
     The block computes h = x + o_proj(attn(norm1(x))); out = h + down(act(gate(norm2(h))) * up(norm2(h))).
@@ -287,12 +386,12 @@ def _quantize_dense_layer(layer, groups, batches, parts, config: GPTQConfig, sta
         hess = _GroupHessians(group, device, stop=True)
         _run_layer(layer, batches)
         hess.remove()
-        _quantize_group(hess, config, state, stats)
+        _quantize_group(hess, run)
     attn_out: list[torch.Tensor] = []
     hess = _GroupHessians(o_group, device, stop=True, keep=attn_out)
     _run_layer(layer, batches)
     hess.remove()
-    _quantize_group(hess, config, state, stats)
+    _quantize_group(hess, run)
     o_proj = o_group[0].module
     residual = [hidden + o_proj(x) for (hidden, _), x in zip(batches, attn_out, strict=True)]
     del attn_out
@@ -300,7 +399,7 @@ def _quantize_dense_layer(layer, groups, batches, parts, config: GPTQConfig, sta
     hess = _GroupHessians(mlp_group, device, hooks=False)
     for x in mlp_in:
         hess.acc.add(x)
-    _quantize_group(hess, config, state, stats)
+    _quantize_group(hess, run)
     hess = _GroupHessians(down_group, device, hooks=False)
     # (B, T, intermediate) per batch is the largest activation: kept when small, else recomputed for the outputs
     tokens = sum(x[..., 0].numel() for x in mlp_in)
@@ -310,21 +409,21 @@ def _quantize_dense_layer(layer, groups, batches, parts, config: GPTQConfig, sta
         y = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
         hess.acc.add(y)
         down_in.append(y if keep else None)
-    _quantize_group(hess, config, state, stats)
+    _quantize_group(hess, run)
     return [
         h + mlp.down_proj(y if y is not None else mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         for h, x, y in zip(residual, mlp_in, down_in, strict=True)
     ]
 
 
-def _quantize_lm_head(model, adapter, batches, config: GPTQConfig, state: QuantState, stats: dict) -> None:
+def _quantize_lm_head(model, adapter, batches, run: _Run) -> None:
     """lm_head (only when `exclude` no longer lists it): its input is the final norm of the last layer's output."""
     head = WeightTarget(adapter.lm_head_path, model.get_submodule(adapter.lm_head_path), "weight", "linear", -1)
-    if not selected([head], config.exclude):
+    if not selected([head], run.config.exclude):
         return
     norm = model.get_submodule(adapter.final_norm_path).to(batches[0][0].device)
     hess = _GroupHessians([head], batches[0][0].device, hooks=False)
     for hidden, _ in batches:
         hess.acc.add(norm(hidden))
     norm.to("cpu")
-    _quantize_group(hess, config, state, stats)
+    _quantize_group(hess, run)

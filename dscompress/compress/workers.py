@@ -1,0 +1,72 @@
+"""Passes that run on several devices: one worker process per device under torch.distributed.run.
+
+Used by distillation (DDP through accelerate) and GPTQ (data-parallel calibration, split solves). The launching
+process writes a job file, starts `python -m torch.distributed.run --nproc_per_node=N -m <worker> job.json`, shows
+the progress rank 0 writes to progress.json, and reads the results back once every worker has exited. On CPU the
+workers talk through gloo, on GPUs through NCCL (NVLink multicast off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dscompress.errors import RecipeError
+
+
+def world_size(devices: int | str, device: torch.device, stage: str) -> int:
+    """How many worker processes a pass asks for: `devices` from its config, `auto` = every visible GPU."""
+    if devices == "auto":
+        return torch.cuda.device_count() if device.type == "cuda" else 1
+    if device.type == "cuda" and devices > torch.cuda.device_count():
+        raise RecipeError(f"{stage}.devices: {devices} but {torch.cuda.device_count()} GPUs are visible. "
+                          "Fix: lower devices or use auto")  # fmt: skip
+    return int(devices)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(module: str, job: Path, world: int, on_progress: Callable[[dict], None], threads: int = 1) -> None:
+    """Run `module` on `job` in `world` processes; raises with the log's last line when a worker fails.
+
+    `threads`: intra-op threads per worker (CPU workers share the cores; a GPU worker needs few).
+    """
+    wdir = job.parent
+    (wdir / "progress.json").unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={world}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        module,
+        str(job),
+    ]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}  # fmt: skip
+    with open(wdir / "workers.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            if (wdir / "progress.json").is_file():
+                with contextlib.suppress(json.JSONDecodeError, OSError):
+                    on_progress(json.loads((wdir / "progress.json").read_text()))
+            time.sleep(0.5)
+    if proc.returncode != 0:
+        errors = [ln for ln in (wdir / "workers.log").read_text().splitlines() if "Error" in ln or "error" in ln]
+        last = errors[-1].strip() if errors else "no error line"
+        raise RuntimeError(f"{module} workers exited with {proc.returncode}: {last}; see {wdir / 'workers.log'}")

@@ -27,10 +27,12 @@ from bench_prune import solve
 from safetensors.torch import save_file
 
 from dscompress.calibrate.data import Corpus
-from dscompress.compress import prune
-from dscompress.compress.distill_train import epoch_order
+from dscompress.compress.distill.train import epoch_order
+from dscompress.compress.prune.config import PruneConfig, Size
+from dscompress.compress.prune.sizes import new_sizes
 from dscompress.models.adapters import adapter_for
-from dscompress.models.sources import load_config, load_tokenizer, resolve
+from dscompress.models.load import load_config, load_tokenizer
+from dscompress.models.sources import resolve
 from dscompress.recipe import load_recipe
 from dscompress.runner import Runner
 
@@ -43,8 +45,8 @@ def mlp_size(target: float) -> int:
     from dscompress.models.info import inspect_config
 
     total = inspect_config(config).n_params
-    cfg = solve(config, adapter_for(config), lambda x: prune.PruneConfig(mlp=prune.Size(ratio=x)), total, target)
-    return prune.new_sizes(config, adapter_for(config), cfg)[0]["intermediate_size"]
+    cfg = solve(config, adapter_for(config), lambda x: PruneConfig(mlp=Size(ratio=x)), total, target)
+    return new_sizes(config, adapter_for(config), cfg)[0]["intermediate_size"]
 
 
 def recipe(args, distill: dict) -> dict:

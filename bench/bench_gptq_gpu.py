@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
-from dscompress.compress.gptq import GPTQConfig, apply
-from dscompress.context import StageContext, make_progress
-from dscompress.models.adapters import adapter_for
+from dscompress.compress.gptq.apply import apply
+from dscompress.compress.gptq.config import GPTQConfig
+from dscompress.context import StageContext
 
 SHAPES = {
     "smollm2-135m": lambda: LlamaConfig(
@@ -100,10 +99,8 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, 0)
     n_params = sum(p.numel() for p in model.parameters())
     windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=torch.Generator())
-    console = Console(stderr=True)
     config = GPTQConfig(bits=4, group_size=args.group_size, symmetric=True, batch_size=8)
-    with make_progress(console) as progress:
-        ctx = StageContext(adapter_for(model.config), device, 0, console, progress, lambda: windows)
+    with StageContext.standalone(model, windows, device) as ctx:
         t1 = time.perf_counter()
         out = apply(model, config, ctx)
         if cuda:

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 from bench_gptq_gpu import SHAPES, random_model
-from rich.console import Console
 
 from dscompress.calibrate.data import Corpus
 from dscompress.calibrate.metrics import BaselineRef, compute_baseline, evaluate
-from dscompress.compress.gptq import GPTQConfig, apply
-from dscompress.compress.gptq_dist import target_param
-from dscompress.context import StageContext, make_progress
-from dscompress.models.adapters import adapter_for
-from dscompress.models.sources import load_model, load_tokenizer, resolve
-from dscompress.recipe import DataSpec, SplitSpec
+from dscompress.calibrate.spec import DataSpec, SplitSpec
+from dscompress.compress.gptq.apply import apply
+from dscompress.compress.gptq.config import GPTQConfig
+from dscompress.compress.gptq.dist import target_param
+from dscompress.context import StageContext
+from dscompress.models.load import load_model, load_tokenizer
+from dscompress.models.sources import resolve
 
 
 def prepare(args) -> tuple[Path, torch.Tensor, torch.Tensor, str]:
@@ -51,11 +51,8 @@ def prepare(args) -> tuple[Path, torch.Tensor, torch.Tensor, str]:
 
 def quantize(directory: Path, dtype: str, cal: torch.Tensor, devices: int, group_size: int, batch_size: int = 8):
     model = load_model(directory, dtype)
-    console = Console(stderr=True)
     config = GPTQConfig(bits=4, group_size=group_size, symmetric=True, devices=devices, batch_size=batch_size)
-    with make_progress(console) as progress:
-        ctx = StageContext(adapter_for(model.config), torch.device("cuda:0"), 0, console, progress, lambda: cal,
-                           input_dir=directory, dtype=dtype)  # fmt: skip
+    with StageContext.standalone(model, cal, "cuda:0", input_dir=directory, dtype=dtype) as ctx:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = apply(model, config, ctx)

@@ -140,7 +140,7 @@ def optimum_parity(work: Path) -> dict:
         check=False,
     )
     peer = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-500:]}
-    from dscompress.models.sources import load_model
+    from dscompress.models.load import load_model
 
     model, lm = load_model(stage).eval(), OrtLM(ours)
     ids = torch.tensor(peer.get("ids") or list(range(100, 132)))[None]

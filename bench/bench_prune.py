@@ -25,23 +25,26 @@ from safetensors.torch import save_file
 
 from dscompress.calibrate.data import Corpus
 from dscompress.calibrate.metrics import BASELINE_FILE, BaselineRef, compute_baseline, evaluate
-from dscompress.compress import prune
+from dscompress.calibrate.spec import DataSpec, SplitSpec
+from dscompress.compress.prune.apply import apply as prune_apply
+from dscompress.compress.prune.config import DepthSize, HeadSize, PruneConfig, Size
+from dscompress.compress.prune.sizes import pruned_config
 from dscompress.context import StageContext, make_progress
 from dscompress.models.adapters import adapter_for
 from dscompress.models.info import inspect_config
-from dscompress.models.sources import load_model, load_tokenizer, resolve
-from dscompress.recipe import DataSpec, SplitSpec
+from dscompress.models.load import load_model, load_tokenizer
+from dscompress.models.sources import resolve
 
 HERE = Path(__file__).resolve().parent
 
 
-def params_after(config, adapter, cfg: prune.PruneConfig) -> int:
+def params_after(config, adapter, cfg: PruneConfig) -> int:
     layers = config.num_hidden_layers
     keep = cfg.depth.keep(layers) if cfg.depth else layers
-    return inspect_config(prune.pruned_config(config, adapter, cfg, list(range(keep)))).n_params
+    return inspect_config(pruned_config(config, adapter, cfg, list(range(keep)))).n_params
 
 
-def solve(config, adapter, make, total: int, target: float) -> prune.PruneConfig | None:
+def solve(config, adapter, make, total: int, target: float) -> PruneConfig | None:
     """The config from `make(x)` (x in [0, 1)) whose parameter count is closest to total * (1 - target)."""
     goal, best = total * (1 - target), None
     lo, hi = 0.0, 0.99
@@ -61,19 +64,19 @@ def solve(config, adapter, make, total: int, target: float) -> prune.PruneConfig
 
 def variants(importance: str, once: bool):
     """Mixes of dimensions, each a function of one knob x in [0, 1) that `solve` tunes to the target size."""
-    P, S = prune.PruneConfig, prune.Size
+    P, S = PruneConfig, Size
     mixes = {
         f"mlp ({importance})": lambda x: P(importance=importance, mlp=S(ratio=x)),
-        f"heads 1/3 + mlp ({importance})": lambda x: P(importance=importance, heads=prune.HeadSize(ratio=0.34),
+        f"heads 1/3 + mlp ({importance})": lambda x: P(importance=importance, heads=HeadSize(ratio=0.34),
                                                        mlp=S(ratio=x)),
         f"hidden ({importance})": lambda x: P(importance=importance, hidden=S(ratio=x)),
         f"hidden + mlp ({importance})": lambda x: P(importance=importance, hidden=S(ratio=x / 2), mlp=S(ratio=x)),
     }  # fmt: skip
     if once:  # depth ranks layers the same way whatever the channel importance
         mixes |= {
-            "depth (block importance)": lambda x: P(depth=prune.DepthSize(ratio=x)),
-            "depth (perplexity impact)": lambda x: P(depth=prune.DepthSize(ratio=x, metric="perplexity")),
-            "depth 1/3 + mlp (activation)": lambda x: P(depth=prune.DepthSize(ratio=x / 3), mlp=S(ratio=x)),
+            "depth (block importance)": lambda x: P(depth=DepthSize(ratio=x)),
+            "depth (perplexity impact)": lambda x: P(depth=DepthSize(ratio=x, metric="perplexity")),
+            "depth 1/3 + mlp (activation)": lambda x: P(depth=DepthSize(ratio=x / 3), mlp=S(ratio=x)),
         }  # fmt: skip
     return mixes
 
@@ -131,7 +134,7 @@ def main() -> None:
                 started = time.perf_counter()
                 with make_progress(console) as progress:
                     ctx = StageContext(adapter, cpu, 0, console, progress, lambda: corpus.windows("calibration"))
-                    result = prune.apply(load_model(source), cfg, ctx)
+                    result = prune_apply(load_model(source), cfg, ctx)
                 seconds = time.perf_counter() - started
                 metrics = evaluate(result.model.to(cpu), corpus.windows("eval"), ref, 4, cpu)
                 rows.append({"target": target, "variant": label, "params": result.summary["params_after"],

@@ -28,8 +28,9 @@ from safetensors.torch import save_file
 
 from dscompress.calibrate.data import Corpus
 from dscompress.calibrate.metrics import BASELINE_FILE, compute_baseline
-from dscompress.models.sources import load_model, load_tokenizer, resolve
-from dscompress.recipe import DataSpec, SplitSpec
+from dscompress.calibrate.spec import DataSpec, SplitSpec
+from dscompress.models.load import load_model, load_tokenizer
+from dscompress.models.sources import resolve
 
 HERE = Path(__file__).resolve().parent
 PEER_VENVS = {

@@ -3,7 +3,9 @@
 The library's entry point is `dscompress.run(recipe_path)`; the CLI (`dscompress run recipe.yaml`) wraps it.
 """
 
-__version__ = "0.1.0"
+from dscompress.version import __version__
+
+__all__ = ["__version__", "run"]
 
 
 def run(recipe_path, out=None):

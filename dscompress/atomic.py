@@ -72,6 +72,23 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+def atomic_save_safetensors(tensors: dict, path: Path) -> None:
+    """safetensors.torch.save_file into a temporary file, renamed over `path` once complete."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def atomic_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` in one step: a temporary link renamed over the old one."""
+    tmp = link.with_name(f"{TMP_PREFIX}{link.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
 def remove_stale_temporaries(parent: Path) -> list[Path]:
     """Delete leftovers of killed writers in `parent`; returns what was removed."""
     removed = []

@@ -16,8 +16,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import typer
 from rich.console import Console
 
-from dscompress import __version__
 from dscompress.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, DscompressError
+from dscompress.version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -78,14 +78,18 @@ def main(
 
 
 def _load(recipe_path: Path, with_model: bool = True):
-    from dscompress.models.info import inspect_model
-    from dscompress.models.sources import resolve
-    from dscompress.plan import check_against_model
+    """Parse the recipe (torch-free: a recipe error is reported before torch is imported), then check it
+    against the model's shapes."""
     from dscompress.recipe import load_recipe
 
     recipe, located = load_recipe(recipe_path)
     if not with_model:
         return recipe, located, None
+    from dscompress.models.info import inspect_model
+    from dscompress.models.sources import resolve
+    from dscompress.plan import check_against_model
+
+    _quiet_libraries()
     info = inspect_model(resolve(recipe.model.path).directory, recipe.model.trust_remote_code)
     check_against_model(recipe, located, info)
     return recipe, located, info
@@ -111,7 +115,6 @@ def run(
 def validate(recipe: RecipeArg, debug: Debug = False) -> None:
     """Check a recipe, including the checks that need the model's shapes; computes nothing."""
     with handled(debug, every_problem=True):
-        _quiet_libraries()
         parsed, _, info = _load(recipe)
         out.print(f"ok: {recipe}: {len(parsed.stages)} stage(s) on {info.adapter.model_type}, {info.n_params:,} params")
 
@@ -122,7 +125,6 @@ def plan(recipe: RecipeArg, as_json: Annotated[bool, typer.Option("--json")] = F
     from dscompress.plan import make_plan
 
     with handled(debug):
-        _quiet_libraries()
         parsed, _, info = _load(recipe)
         result = make_plan(parsed, info)
         if as_json:
@@ -183,7 +185,7 @@ def export_(
     from dscompress.errors import DscompressError
     from dscompress.export.formats import FORMATS, export
     from dscompress.export.onnx_quant import TARGETS
-    from dscompress.models.sources import DTYPES
+    from dscompress.models.load import DTYPES
 
     with handled(debug):
         _quiet_libraries()
@@ -260,10 +262,11 @@ def bundle(
     from pydantic import ValidationError
 
     from dscompress.calibrate.data import Corpus
+    from dscompress.calibrate.spec import DataSpec, SplitSpec
     from dscompress.errors import RecipeError
     from dscompress.export.bundle import VERIFY_LEN, VERIFY_WINDOWS, make_bundle, stage_problems
-    from dscompress.models.sources import load_tokenizer
-    from dscompress.recipe import DataSpec, SplitSpec, TargetSpec
+    from dscompress.models.load import load_tokenizer
+    from dscompress.recipe import TargetSpec
 
     with handled(debug):
         _quiet_libraries()

@@ -12,8 +12,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dscompress.export.qstate import QuantState
-from dscompress.models.adapters import ArchAdapter
+from dscompress.calibrate.metrics import BaselineRef, evaluate
+from dscompress.gates import Gate, check_gate
+from dscompress.models.adapters import ArchAdapter, adapter_for
+from dscompress.quant.qstate import QuantState
 
 T = TypeVar("T")
 
@@ -62,10 +64,10 @@ class StageContext:
     progress: Progress
     calibration: Callable[[], torch.Tensor]  # lazily built calibration windows, (N, T) int64
     resume_dir: Path | None = None  # survives a killed run (same stage key); removed once the stage is complete
-    gate: object | None = None  # the stage's recipe.Gate, for passes that search until it would hold (int8)
+    gate: Gate | None = None  # the stage's gate, for passes that search until it would hold (int8)
     # For passes that train (distill):
     train: Callable[[], torch.Tensor] | None = None  # training windows, disjoint from eval and calibration
-    evaluate: Callable | None = None  # model -> (pipeline metrics, gate met); distill_loop.EvalSpec
+    evaluate: Callable | None = None  # model -> (pipeline metrics, gate met); EvalSpec
     stage_dir: Callable[[str], Path] | None = None  # "baseline" or an earlier stage's name -> its artifact
     input_dir: Path | None = None  # the artifact this stage reads
     quant: QuantState | None = None  # the input's quantization metadata
@@ -73,6 +75,24 @@ class StageContext:
 
     def track(self, items: Iterable[T], description: str) -> Iterator[T]:
         return tracked(self.progress, items, description)
+
+    @classmethod
+    @contextlib.contextmanager
+    def standalone(
+        cls,
+        model,
+        calibration: torch.Tensor | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        quiet: bool = False,
+        **fields,
+    ) -> Iterator[StageContext]:
+        """A context for running one pass on `model` outside a recipe (tests, benchmarks, notebooks): its own
+        console on stderr and progress display, the model's adapter, and fixed calibration windows."""
+        console = Console(stderr=True, quiet=quiet)
+        with make_progress(console) as progress:
+            yield cls(adapter_for(model.config), torch.device(device), seed, console, progress,
+                      lambda: calibration, **fields)  # fmt: skip
 
 
 @dataclass
@@ -82,3 +102,24 @@ class PassOutput:
     summary: dict = field(default_factory=dict)  # shown in the manifest and report
     files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # extra safetensors for the stage dir
     quant_invalidated: bool = False  # the input's quantization metadata no longer describes the model (pruning)
+
+
+@dataclass
+class EvalSpec:
+    """The pipeline's evaluation and the stage gate, rebuildable in a worker process: passes that train call it to
+    learn whether the gate would already hold (`StageContext.evaluate`)."""
+
+    windows: torch.Tensor
+    ref_dir: Path
+    batch_size: int
+    gate: dict | None  # recipe.Gate as JSON
+    baseline: dict
+    previous: dict
+
+    def __call__(self, model) -> tuple[dict, bool]:
+        device = next(model.parameters()).device
+        metrics = evaluate(model, self.windows, BaselineRef(self.ref_dir), self.batch_size, device)
+        if self.gate is None:
+            return metrics, False
+        verdicts = check_gate(Gate.model_validate(self.gate), metrics, self.baseline, self.previous)
+        return metrics, all(v.passed for v in verdicts)

@@ -10,11 +10,12 @@ from rich.console import Console
 
 from dscompress.calibrate.data import Corpus
 from dscompress.calibrate.metrics import BaselineRef, compute_baseline, evaluate
-from dscompress.compress.actquant import attach_saved
+from dscompress.calibrate.spec import DataSpec, SplitSpec
 from dscompress.context import make_progress, tracked
 from dscompress.models.adapters import adapter_for
-from dscompress.models.sources import load_model, load_tokenizer, resolve
-from dscompress.recipe import DataSpec, SplitSpec
+from dscompress.models.load import load_model, load_tokenizer
+from dscompress.models.sources import resolve
+from dscompress.quant.actquant import attach_saved
 from dscompress.runner import pick_device
 
 

@@ -1,10 +1,42 @@
-"""Accuracy gates: hard thresholds on perplexity increase, mean KL and top-1 agreement."""
+"""Accuracy gates: the recipe's gate models, hard thresholds on perplexity increase, mean KL and top-1 agreement,
+and the margin rule passes use while they search for a setting that will hold (int8 fallback). Torch-free."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
-from dscompress.recipe import Gate
+from pydantic import Field, model_validator
+
+from dscompress.schema import Strict
+
+
+class PerplexityGate(Strict):
+    max_increase_pct: float = Field(ge=0, description="allowed perplexity increase, in percent")
+    relative_to: Literal["baseline", "previous"] = "baseline"
+
+
+class KLGate(Strict):
+    max: float = Field(gt=0, description="allowed mean KL(baseline || stage), nats per token")
+
+
+class Top1Gate(Strict):
+    min: float = Field(gt=0, le=1, description="required share of positions whose top-1 token agrees")
+
+
+class Gate(Strict):
+    perplexity: PerplexityGate | None = None
+    kl: KLGate | None = None
+    top1: Top1Gate | None = None
+    on_fail: Literal["stop", "skip"] = Field(
+        "stop", description="stop: exit with code 3; skip: drop this stage and continue from the previous"
+    )
+
+    @model_validator(mode="after")
+    def _has_a_check(self):
+        if not (self.perplexity or self.kl or self.top1):
+            raise ValueError("a gate needs at least one of perplexity, kl, top1")
+        return self
 
 
 @dataclass(frozen=True)
@@ -23,7 +55,7 @@ class Verdict:
 def check_gate(gate: Gate, metrics: dict, baseline: dict, previous: dict) -> list[Verdict]:
     """Every configured check of `gate` on a stage's metrics.
 
-    >>> from dscompress.recipe import Gate
+    >>> from dscompress.gates import Gate
     >>> [v.passed for v in check_gate(Gate(kl={"max": 0.1}), {"kl": 0.05}, {}, {})]
     [True]
     """
@@ -48,3 +80,12 @@ def check_gate(gate: Gate, metrics: dict, baseline: dict, previous: dict) -> lis
             f"top-1 agreement {metrics['top1']:.4f} (min {gate.top1.min:g})",
         ))  # fmt: skip
     return verdicts
+
+
+def within_margin(estimate: dict, gate: Gate, margin: float) -> bool:
+    """Whether an estimate meets `margin` of the gate's slack on every gated metric."""
+    if gate.kl and estimate["kl"] > margin * gate.kl.max:
+        return False
+    if gate.perplexity and estimate["perplexity_increase_pct"] > margin * gate.perplexity.max_increase_pct:
+        return False
+    return not (gate.top1 and estimate["top1"] < 1.0 - margin * (1.0 - gate.top1.min))

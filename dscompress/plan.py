@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from dscompress.compress.distill.apply import teacher_problem
+from dscompress.compress.prune.advice import advice
+from dscompress.compress.prune.sizes import pruned_config
+from dscompress.compress.selection import selected
 from dscompress.errors import RecipeError
-from dscompress.models.info import DTYPE_BYTES, ModelInfo
+from dscompress.export.preflight import roofline, target_problems
+from dscompress.models.info import DTYPE_BYTES, ModelInfo, inspect_config
 from dscompress.recipe import Recipe
 from dscompress.registry import spec_for
 from dscompress.yamlpaths import LocatedYaml, format_loc
@@ -20,19 +25,17 @@ def model_problems(recipe: Recipe, located: LocatedYaml | None, info: ModelInfo)
                 f"{seq_len} is above the model's maximum of {info.max_positions} positions; "
                 f"use at most {info.max_positions}",
             ))  # fmt: skip
-    from dscompress.compress.distill import teacher_problem
 
     labels, stage_info = ["baseline"], info
     for i, stage in enumerate(recipe.stages):
         spec = spec_for(stage.pass_config)
         found = spec.check(stage.pass_config, stage_info)
-        if spec.key == "distill" and (message := teacher_problem(stage.distill.teacher, labels, stage_info)):
+        if spec.trains and (message := teacher_problem(stage.distill.teacher, labels, stage_info)):
             found.append(("teacher", message))
         problems += [(("stages", i, spec.key, field), message) for field, message in found]
-        if spec.key == "prune" and not found:
+        if spec.reshapes and not found:
             stage_info = _pruned_info(stage_info, stage.pass_config)  # later stages see the pruned shapes
         labels.append(stage.label)
-    from dscompress.export.preflight import target_problems
 
     if recipe.target is not None:
         problems += target_problems(recipe, info, make_plan(recipe, info))
@@ -76,9 +79,6 @@ def _distill_bytes(cfg, student: ModelInfo, teacher_bytes: int, seq_len: int) ->
 def _pruned_info(info: ModelInfo, cfg) -> ModelInfo:
     """The model after a prune stage. Depth pruning of an MoE model counts the last layers as the removed ones
     (which layers go is decided by calibration)."""
-    from dscompress.compress.prune import pruned_config
-    from dscompress.models.info import inspect_config
-
     layers = info.config.get_text_config().num_hidden_layers
     keep = cfg.depth.keep(layers) if cfg.depth else layers
     return inspect_config(pruned_config(info.config, info.adapter, cfg, list(range(keep))))
@@ -95,18 +95,15 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
     for i, stage in enumerate(recipe.stages, start=1):
         cfg = stage.pass_config
         before = info.n_params
-        if spec_for(cfg).key == "prune":
+        spec = spec_for(cfg)
+        if spec.reshapes:
             info = _pruned_info(info, cfg)
             model_bytes = deployed = info.n_params * dtype_bytes
-        row = {"dir": f"{i}-{stage.label}", "pass": spec_for(cfg).key, "params": info.n_params}
-        if spec_for(cfg).key == "prune":
-            from dscompress.compress.prune_advice import advice
-
+        row = {"dir": f"{i}-{stage.label}", "pass": spec.key, "params": info.n_params}
+        if spec.reshapes:
             row["removed_pct"] = 100.0 * (1 - info.n_params / before)
             row["advice"] = advice(1 - info.n_params / before)
-        if hasattr(cfg, "bits"):
-            from dscompress.compress.rtn import selected
-
+        if spec.quantizes:
             chosen = selected(info.targets, cfg.exclude)
             q_params = sum(t.param.numel() for t in chosen)
             q_bytes = sum(_quant_bytes(t.param.numel(), cfg.bits, cfg.group_size, t.in_features) for t in chosen)
@@ -116,11 +113,10 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
             row |= {"quantized_params": q_params, "checkpoint_bytes": model_bytes + 8 * groups}
         else:
             row["checkpoint_bytes"] = model_bytes
-        if spec_for(cfg).key == "distill":
+        if spec.trains:
             row["train_memory_bytes"] = _distill_bytes(cfg, info, source_bytes, recipe.data.train.seq_len)
         row["deployed_bytes"] = int(deployed)
         stages.append(row)
-    from dscompress.export.preflight import roofline
 
     result = {
         "model": recipe.model.path,

@@ -17,19 +17,19 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from dscompress.compress.distill import DistillConfig
-from dscompress.compress.gptq import GPTQConfig
-from dscompress.compress.int8 import Int8Config
-from dscompress.compress.prune import PruneConfig
-from dscompress.compress.rtn import RTNConfig
+from dscompress.calibrate.spec import DataSpec
+from dscompress.compress.distill.config import DistillConfig
+from dscompress.compress.gptq.config import GPTQConfig
+from dscompress.compress.int8.config import Int8Config
+from dscompress.compress.prune.config import PruneConfig
+from dscompress.compress.rtn.config import RTNConfig
 from dscompress.errors import RecipeError
+from dscompress.gates import Gate
+from dscompress.registry import PACKABLE, PASS_KEYS, spec_by_key
+from dscompress.schema import Strict
 from dscompress.yamlpaths import Loc, LocatedYaml, format_loc, load_located
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ModelSpec(Strict):
@@ -39,77 +39,6 @@ class ModelSpec(Strict):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of every stage")
     trust_remote_code: bool = Field(False, description="allow a checkpoint's own modeling code (auto_map)")
-
-
-BUILTIN_SOURCES = ("builtin:pydoc", "builtin:stdlib-docstrings")
-
-
-class SplitSpec(Strict):
-    samples: int | Literal["all"] = Field(description="number of windows, or all the split holds")
-    seq_len: int = Field(ge=8, description="tokens per window")
-
-
-class Fractions(Strict):
-    eval: float = Field(0.2, gt=0, lt=1)
-    calibration: float = Field(0.35, gt=0, lt=1)
-    train: float = Field(0.45, gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _sum_to_one(self):
-        total = self.eval + self.calibration + self.train
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"eval + calibration + train must sum to 1, got {total:g}")
-        return self
-
-
-class DataSpec(Strict):
-    source: str = Field("builtin:pydoc", description=f"{' | '.join(BUILTIN_SOURCES)} or a .txt / .jsonl file")
-    extra_train_source: str | None = Field(
-        None,
-        description="more text for the train split only (all of it; blocks equal to eval or calibration "
-        "blocks are dropped), e.g. builtin:stdlib-docstrings",
-    )
-    text_field: str = Field("text", description="the key holding the text in each .jsonl line")
-    fractions: Fractions = Field(default_factory=Fractions, description="share of blocks in each split")
-    eval: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=16, seq_len=512))
-    calibration: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=64, seq_len=512))
-    train: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=64, seq_len=512))
-    batch_size: int = Field(4, ge=1, description="windows per forward pass during evaluation")
-
-    @model_validator(mode="after")
-    def _all_only_for_train(self):
-        for split in ("eval", "calibration"):
-            if getattr(self, split).samples == "all":
-                raise ValueError(f"{split}.samples: 'all' is for the train split only; give a number of windows")
-        return self
-
-
-class PerplexityGate(Strict):
-    max_increase_pct: float = Field(ge=0, description="allowed perplexity increase, in percent")
-    relative_to: Literal["baseline", "previous"] = "baseline"
-
-
-class KLGate(Strict):
-    max: float = Field(gt=0, description="allowed mean KL(baseline || stage), nats per token")
-
-
-class Top1Gate(Strict):
-    min: float = Field(gt=0, le=1, description="required share of positions whose top-1 token agrees")
-
-
-class Gate(Strict):
-    perplexity: PerplexityGate | None = None
-    kl: KLGate | None = None
-    top1: Top1Gate | None = None
-    on_fail: Literal["stop", "skip"] = Field(
-        "stop", description="stop: exit with code 3; skip: drop this stage and continue from the previous"
-    )
-
-    @model_validator(mode="after")
-    def _has_a_check(self):
-        if not (self.perplexity or self.kl or self.top1):
-            raise ValueError("a gate needs at least one of perplexity, kl, top1")
-        return self
 
 
 class OnnxParity(Strict):
@@ -131,11 +60,6 @@ class OnnxSpec(Strict):
     parity: OnnxParity = Field(default_factory=OnnxParity)
 
 
-# must equal the registry's keys; tests/test_recipe.py checks it
-PASS_KEYS = ("rtn", "gptq", "int8", "prune", "distill")
-QUANTIZING_PASSES = ("rtn", "gptq")  # passes that leave quantization metadata, so they can be packed
-
-
 class Stage(Strict):
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]*$", description="defaults to the pass key")
     rtn: RTNConfig | None = None
@@ -155,8 +79,8 @@ class Stage(Strict):
         given = [k for k in PASS_KEYS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"a stage takes exactly one pass, got {given or 'none'}; allowed: {', '.join(PASS_KEYS)}")
-        if self.save_formats and given[0] not in QUANTIZING_PASSES:
-            raise ValueError(f"save_formats needs a quantizing pass ({', '.join(QUANTIZING_PASSES)}), not {given[0]!r}")
+        if self.save_formats and given[0] not in PACKABLE:
+            raise ValueError(f"save_formats needs a quantizing pass ({', '.join(PACKABLE)}), not {given[0]!r}")
         if self.int8 is not None and self.int8.fallback == "auto" and self.gate is None:
             raise ValueError(
                 "int8 fallback: auto keeps the most sensitive activations in 16/32-bit until the stage gate holds, "
@@ -171,6 +95,14 @@ class Stage(Strict):
     @property
     def pass_config(self) -> BaseModel:
         return getattr(self, self.pass_key)
+
+    @property
+    def weight_grid(self) -> tuple[int, int, bool] | None:
+        """(bits, group_size, symmetric) of the weights a quantizing pass leaves, else None."""
+        if not spec_by_key(self.pass_key).quantizes:
+            return None
+        cfg = self.pass_config
+        return cfg.bits, cfg.group_size, cfg.symmetric
 
     @property
     def label(self) -> str:

@@ -13,10 +13,7 @@ stopped and ends with byte-identical artifacts.
 
 from __future__ import annotations
 
-import fcntl
 import gc
-import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,7 +24,18 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from dscompress import __version__
+from dscompress.artifact import (
+    MANIFEST,
+    OWN_FILES,
+    RunLock,
+    artifact_hash,
+    dir_size,
+    point_latest,
+    prepare_output,
+    resume_dir,
+    reusable,
+    versions,
+)
 from dscompress.atomic import (
     atomic_dir,
     atomic_write_json,
@@ -38,95 +46,31 @@ from dscompress.atomic import (
     tree_hashes,
 )
 from dscompress.calibrate.data import Corpus
-from dscompress.calibrate.metrics import BASELINE_FILE, BaselineRef, compute_baseline, evaluate
-from dscompress.compress.actquant import attach_saved, detach
-from dscompress.compress.distill_loop import EvalSpec
-from dscompress.context import StageContext, make_progress, spinner, tracked
-from dscompress.errors import GateFailed, OutputPathError, RecipeError, RunLocked
+from dscompress.calibrate.metrics import BaselineRef, compute_baseline, evaluate
+from dscompress.context import EvalSpec, StageContext, make_progress, spinner, tracked
+from dscompress.errors import GateFailed, RecipeError
 from dscompress.export.formats import export as export_packed
-from dscompress.export.qstate import QUANT_JSON, QUANT_TENSORS, QuantState
 from dscompress.export.stage_export import export_stage, parity
 from dscompress.gates import check_gate
 from dscompress.models.adapters import adapter_for
 from dscompress.models.info import inspect_model
-from dscompress.models.sources import load_model, load_tokenizer, resolve
+from dscompress.models.load import load_model, load_tokenizer
+from dscompress.models.sources import resolve
 from dscompress.plan import check_against_model
+from dscompress.quant.actquant import attach_saved, detach
+from dscompress.quant.qstate import QUANT_JSON, QUANT_TENSORS, QuantState
 from dscompress.recipe import Recipe, Stage
 from dscompress.registry import spec_for
 from dscompress.report import print_table, write_reports
 from dscompress.yamlpaths import LocatedYaml
-
-MANIFEST = "manifest.json"
-# Files a stage rewrites itself; everything else in its input (tokenizer, chat template) is linked through.
-OWN_FILES = ("config.json", "generation_config.json", MANIFEST, QUANT_JSON, QUANT_TENSORS, BASELINE_FILE)
-
-
-def versions() -> dict:
-    import safetensors
-    import transformers
-
-    return {
-        "dscompress": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-    }
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from dscompress.errors import RecipeError
-
         raise RecipeError("device: 'cuda' but no CUDA device is visible. Fix: use device: auto or cpu")
     return torch.device(name)
-
-
-class RunLock:
-    """An flock on out/.lock: released by the kernel even when the holder is SIGKILLed."""
-
-    def __init__(self, out: Path):
-        self.path = out / ".lock"
-        self.fh = None
-
-    def __enter__(self):
-        self.fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.fh.close()
-            raise RunLocked(f"{self.path.parent}: another dscompress run is using this output directory") from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(f"{os.getpid()}\n")
-        self.fh.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
-
-
-def prepare_output(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"output_dir: {out} is a file. Fix: choose a directory path (or --out)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputPathError(f"output_dir: {out}: cannot create it ({exc.strerror})") from exc
-
-
-def point_latest(out: Path, target: str) -> None:
-    tmp = out / f".tmp-latest.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
-    os.replace(tmp, out / "latest")
-
-
-def artifact_hash(directory: Path) -> str:
-    return sha256_json(tree_hashes(directory, exclude=frozenset({MANIFEST})))
 
 
 @dataclass
@@ -237,19 +181,13 @@ class Runner:
             "seed": r.seed, "dtype": r.model.dtype,
         })  # fmt: skip
 
-    def _reusable(self, directory: Path, key: str) -> dict | None:
-        manifest = read_json(directory / MANIFEST)
-        if manifest and manifest.get("key") == key and artifact_hash(directory) == manifest.get("artifact_hash"):
-            return manifest
-        return None
-
     def _baseline(self, source: Path) -> Path:
         final = self.out / "0-baseline"
         input_hash = sha256_json(tree_hashes(source))
         key = self._key({"pass": "baseline", "model": self.recipe.model.model_dump(mode="json")}, input_hash)
         record = StageRecord(0, final.name, "baseline", status="passed")
         self.records.append(record)
-        if manifest := self._reusable(final, key):
+        if manifest := reusable(final, key):
             return self._restore(record, manifest, final)
         started = time.perf_counter()
         with atomic_dir(final) as tmp, make_progress(self.console) as progress:
@@ -266,7 +204,7 @@ class Runner:
             self._write_manifest(tmp, record, key, input_hash, {"source": str(source)})
         del model
         gc.collect()
-        record.size_bytes = _dir_size(final)
+        record.size_bytes = dir_size(final)
         return final
 
     def _stage(self, index: int, stage: Stage, input_dir: Path) -> StageRecord:
@@ -279,11 +217,11 @@ class Runner:
         }, input_hash)  # fmt: skip
         record = StageRecord(index, final.name, spec.key)
         self.records.append(record)
-        if manifest := self._reusable(final, key):
+        if manifest := reusable(final, key):
             self._restore(record, manifest, final)
             return record
         self.console.print(f"[bold]stage {final.name}[/bold]: {spec.summary}")
-        resume = self._resume_dir(final.name, key)
+        resume = resume_dir(self.out, final.name, key)
         with atomic_dir(final) as tmp, make_progress(self.console) as progress:
             t0 = time.perf_counter()
             with spinner(progress, f"loading {input_dir.name}"):
@@ -329,7 +267,7 @@ class Runner:
         shutil.rmtree(resume, ignore_errors=True)
         del model, result
         gc.collect()
-        record.size_bytes = _dir_size(final)
+        record.size_bytes = dir_size(final)
         return record
 
     def _eval_spec(self, stage: Stage) -> EvalSpec:
@@ -365,16 +303,6 @@ class Runner:
             verdicts += [v.as_dict() for v in found]
         return results, verdicts
 
-    def _resume_dir(self, stage_dir: str, key: str) -> Path:
-        """out/.resume/<stage>-<key>: partial work a pass may checkpoint; other keys' leftovers are deleted."""
-        root = self.out / ".resume"
-        current = root / f"{stage_dir}-{key[:16]}"
-        for stale in root.glob(f"{stage_dir}-*"):
-            if stale != current:
-                shutil.rmtree(stale, ignore_errors=True)
-        current.mkdir(parents=True, exist_ok=True)
-        return current
-
     def _save_artifact(self, model, result, input_dir: Path, tmp: Path) -> None:
         model.save_pretrained(tmp)
         for f in sorted(input_dir.iterdir()):
@@ -402,10 +330,6 @@ class Runner:
         record.metrics, record.summary = manifest["metrics"], manifest.get("summary", {})
         record.onnx, record.parity = manifest.get("onnx", {}), manifest.get("parity", [])
         record.timings = manifest.get("timings", {})
-        record.size_bytes = _dir_size(directory)
+        record.size_bytes = dir_size(directory)
         self.console.print(f"[dim]stage {directory.name}: unchanged, reused[/dim]")
         return directory
-
-
-def _dir_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())

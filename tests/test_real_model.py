@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dscompress.atomic import tree_hashes
 from dscompress.errors import EXIT_GATE_FAILED
-from dscompress.models.sources import load_model, load_tokenizer, resolve
+from dscompress.models.load import load_model, load_tokenizer
+from dscompress.models.sources import resolve
 
 pytestmark = pytest.mark.slow
 SMALL = """
@@ -77,9 +78,10 @@ def test_stored_baseline_kl_matches_float64_on_smollm2(tmp_path):
 
     from dscompress.calibrate.data import Corpus
     from dscompress.calibrate.metrics import BaselineRef, compute_baseline, evaluate
-    from dscompress.compress.quant import fake_quantize
-    from dscompress.models.sources import load_model, resolve
-    from dscompress.recipe import DataSpec, SplitSpec
+    from dscompress.calibrate.spec import DataSpec, SplitSpec
+    from dscompress.models.load import load_model
+    from dscompress.models.sources import resolve
+    from dscompress.quant.primitives import fake_quantize
 
     directory = resolve("bundled:smollm2-135m-instruct").directory
     model = load_model(directory)
@@ -126,10 +128,11 @@ def test_gptq_output_error_is_at_least_20_percent_below_rtn_on_a_real_linear():
     import torch
 
     from dscompress.calibrate.data import Corpus
-    from dscompress.compress.gptq_math import HessianAccumulator, gptq_quantize
-    from dscompress.compress.quant import fake_quantize
-    from dscompress.models.sources import load_model, resolve
-    from dscompress.recipe import DataSpec, SplitSpec
+    from dscompress.calibrate.spec import DataSpec, SplitSpec
+    from dscompress.compress.gptq.math import HessianAccumulator, gptq_quantize
+    from dscompress.models.load import load_model
+    from dscompress.models.sources import resolve
+    from dscompress.quant.primitives import fake_quantize
 
     directory = resolve("bundled:smollm2-135m-instruct").directory
     model = load_model(directory)
@@ -159,7 +162,8 @@ def test_gptq_output_error_is_at_least_20_percent_below_rtn_on_a_real_linear():
 
 
 def test_a_gguf_file_path_is_dequantized_once_and_cached():
-    from dscompress.models.sources import bundled_gguf, load_config, resolve
+    from dscompress.models.load import load_config
+    from dscompress.models.sources import bundled_gguf, resolve
 
     gguf = bundled_gguf("smollm2-135m-instruct")
     first = resolve(str(gguf)).directory

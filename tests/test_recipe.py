@@ -3,8 +3,8 @@ import json
 import pytest
 
 from dscompress.errors import RecipeError
-from dscompress.recipe import PASS_KEYS, Recipe, Stage, load_recipe
-from dscompress.registry import REGISTRY
+from dscompress.recipe import Recipe, Stage, load_recipe
+from dscompress.registry import PASS_KEYS, REGISTRY
 
 BASE = "model: {path: 'tiny:llama'}\nstages:\n  - rtn: {bits: 4}\n"
 
@@ -29,9 +29,15 @@ def test_defaults(tmp_path):
     assert recipe.stages[0].label == "rtn" and recipe.model.trust_remote_code is False
 
 
-def test_pass_keys_match_registry():
-    assert set(PASS_KEYS) == {spec.key for spec in REGISTRY.values()}
-    assert all(key in Stage.model_fields for key in PASS_KEYS)
+def test_stage_fields_match_the_registry():
+    """Every registered pass is a Stage field of its config type, and every config-typed field is registered."""
+    config_fields = {
+        name: field.annotation.__args__[0]
+        for name, field in Stage.model_fields.items()
+        if any(arg in REGISTRY for arg in getattr(field.annotation, "__args__", ()))
+    }
+    assert config_fields == {spec.key: config for config, spec in REGISTRY.items()}
+    assert tuple(config_fields) == PASS_KEYS  # the same order: error messages list passes in it
 
 
 def test_unknown_key_names_path_line_allowed_and_fix(tmp_path):

@@ -7,12 +7,13 @@ import torch
 from common import Timer, finish, job, score
 from rich.console import Console
 
-from dscompress.compress.int8 import Int8Config, apply, calibrate, site_readers
-from dscompress.compress.smoothquant import layer_sites
+from dscompress.compress.int8.apply import apply, calibrate, site_readers
+from dscompress.compress.int8.config import Int8Config
+from dscompress.compress.int8.smoothquant import layer_sites
 from dscompress.context import StageContext, make_progress
+from dscompress.gates import Gate
 from dscompress.models.adapters import adapter_for
-from dscompress.models.sources import load_model
-from dscompress.recipe import Gate
+from dscompress.models.load import load_model
 
 spec = job()
 console = Console(stderr=True)

@@ -5,22 +5,19 @@ from pathlib import Path
 
 import torch
 from common import Timer, finish, job
-from rich.console import Console
 
-from dscompress.compress.gptq import GPTQConfig, apply
-from dscompress.context import StageContext, make_progress
+from dscompress.compress.gptq.apply import apply
+from dscompress.compress.gptq.config import GPTQConfig
+from dscompress.context import StageContext
 from dscompress.export.formats import export
-from dscompress.models.adapters import adapter_for
-from dscompress.models.sources import load_model
+from dscompress.models.load import load_model
 
 spec = job()
-console = Console(stderr=True)
 config = GPTQConfig(bits=spec["bits"], group_size=spec["group_size"], symmetric=spec["sym"])  # act_order: static
-with Timer() as t, make_progress(console) as progress:
+with Timer() as t:
     model = load_model(Path(spec["model"]))
-    ctx = StageContext(adapter_for(model.config), torch.device("cpu"), 0, console, progress,
-                       lambda: spec["calibration"])  # fmt: skip
-    result = apply(model, config, ctx)
+    with StageContext.standalone(model, spec["calibration"]) as ctx:
+        result = apply(model, config, ctx)
 out = Path(spec["output"])
 model.save_pretrained(out / "stage")
 result.quant.save(out / "stage")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from dscompress.calibrate.spec import DataSpec
 from dscompress.errors import DataError
-from dscompress.recipe import DataSpec
 
 BLOCK_CHARS = 2000
 SPLITS = ("eval", "calibration", "train")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-BASELINE_FILE = "baseline_logprobs.safetensors"
+from dscompress.artifact import BASELINE_FILE
 
 
 class StreamingSafetensors:

@@ -4,8 +4,8 @@
 the first batch's max|x| (or at an expected max given up front, just above it) and grows by doubling when a larger value
 arrives: pairs of bins merge exactly, so growth never re-distributes counts by guesswork.
 
-`kl_threshold` is TensorRT's entropy calibration (Migacz, GTC 2017; ../shared/REFERENCE.md section 3), for every
-candidate at once: a (candidates x bins) computation, no Python loop over candidates.
+`kl_threshold` is TensorRT's entropy calibration (Migacz, GTC 2017; docs/DESIGN.md, "KL (entropy) calibration"),
+for every candidate at once: a (candidates x bins) computation, no Python loop over candidates.
 """
 
 from __future__ import annotations

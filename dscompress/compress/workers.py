@@ -17,10 +17,31 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
+from dscompress.atomic import atomic_write_text
 from dscompress.errors import RecipeError
+
+
+class WorkerJob(BaseModel):
+    """The job file a launching process writes for its workers: typed, validated on both sides, written
+    atomically. Each pass that runs workers subclasses it with its own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: Literal["cpu", "cuda"]
+    seed: int
+    dtype: str
+
+    def write(self, path: Path) -> Path:
+        atomic_write_text(path, self.model_dump_json())
+        return path
+
+    @classmethod
+    def read(cls, path: Path):
+        return cls.model_validate_json(path.read_text())
 
 
 def world_size(devices: int | str, device: torch.device, stage: str) -> int:

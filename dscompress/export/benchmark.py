@@ -34,8 +34,8 @@ class TorchLM:
     """The torch artifact behind the same greedy interface as OrtLM (for side-by-side numbers)."""
 
     def __init__(self, directory: Path):
-        from dscompress.compress.actquant import attach_saved
-        from dscompress.models.sources import load_model
+        from dscompress.models.load import load_model
+        from dscompress.quant.actquant import attach_saved
 
         self.model = load_model(directory).eval()
         attach_saved(self.model, directory)

@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dscompress import __version__
 from dscompress.atomic import atomic_dir
 from dscompress.errors import RecipeError
 from dscompress.export import bundle_runner
+from dscompress.export.preflight import precision_problems
 from dscompress.export.stage_export import export_stage
 from dscompress.export.targets import DEVICES, JETPACKS
 from dscompress.export.tensorrt import Profile, _sha256
+from dscompress.quant.qstate import QuantState
+from dscompress.version import __version__
 
 VERIFY_WINDOWS, VERIFY_LEN, VERIFY_TOKENS = 4, 128, 16
 
@@ -130,9 +132,6 @@ python3 run.py --verify "$@"
 
 def stage_problems(stage: Path, target) -> list[str]:
     """Why the stage cannot run on the target (its stored grid against the device's precisions)."""
-    from dscompress.export.preflight import precision_problems
-    from dscompress.export.qstate import QuantState
-
     quant = QuantState.load(stage)
     if quant is None:
         return []

@@ -5,7 +5,7 @@ Because the stored weights sit exactly on their grid, each initializer is matche
 its integer codes come back exactly from quantization.safetensors (nothing is re-quantized).
 
 Targets:
-- `onnx` (standard operators, TensorRT's explicit-quantization rules, ../shared/REFERENCE.md section 4):
+- `onnx` (standard operators, TensorRT's explicit-quantization rules, docs/DESIGN.md "ONNX INT4 and INT8"):
   - int8 weights: int8 initializer + DequantizeLinear, per output channel (axis 1 of the (in, out) weight),
     zero point 0;
   - int8 activations: QuantizeLinear -> DequantizeLinear on the MatMul input, per tensor, zero point 0, with the
@@ -26,7 +26,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from dscompress.export.onnx import ExportError
-from dscompress.export.qstate import QuantState
+from dscompress.quant.qstate import QuantState
 
 TARGETS = ("onnx", "onnx-ort")
 

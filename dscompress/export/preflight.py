@@ -85,10 +85,10 @@ def engine_weight_bytes(recipe, info, plan: dict) -> int:
 
 
 def _stage_problems(i: int, stage, device: Device, target) -> list[tuple[tuple, str]]:
-    cfg, key = stage.pass_config, stage.pass_key
-    if not hasattr(cfg, "bits"):
+    if stage.weight_grid is None:
         return []
-    found = precision_problems(cfg.bits, cfg.group_size, cfg.symmetric, device, target.opset)
+    found = precision_problems(*stage.weight_grid, device, target.opset)
+    key = stage.pass_key
     return [(("target", "opset") if field == "opset" else ("stages", i, key, field), msg) for field, msg in found]
 
 

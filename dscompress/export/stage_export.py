@@ -20,23 +20,15 @@ from pathlib import Path
 import onnx
 import torch
 
+from dscompress.artifact import ONNX_SIDE_FILES
 from dscompress.calibrate.metrics import evaluate
 from dscompress.export import trt_rules
 from dscompress.export.onnx import EXTERNAL_DATA_ABOVE, OPSET, OPSET_INT4, ExportError, export_float
 from dscompress.export.onnx_quant import TARGETS, quantize_graph
 from dscompress.export.ort_runner import MODEL_FILE, OrtLM, torch_greedy
-from dscompress.export.qstate import QuantState
 from dscompress.gates import Verdict
-from dscompress.models.sources import load_model
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "config.json",
-)
+from dscompress.models.load import load_model
+from dscompress.quant.qstate import QuantState
 
 
 def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset: int = OPSET) -> dict:
@@ -86,7 +78,7 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
         "ort_fusions": fused,
     }
     (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
-    for name in TOKENIZER_FILES:
+    for name in ONNX_SIDE_FILES:
         if (stage / name).exists():
             shutil.copy2(stage / name, out / name)
     return meta

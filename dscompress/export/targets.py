@@ -1,6 +1,6 @@
 """Deployment targets: the facts pre-flight checks and the roofline use, with their sources.
 
-Sources (../shared/REFERENCE.md section 6 unless noted):
+Sources (docs/DESIGN.md, "TensorRT and Jetson Orin", unless noted):
 - Jetson Orin: compute capability 8.7; no FP8 or FP4, only FP16 / INT8 / INT4; INT4 at group 128 only (NVIDIA
   Edge-LLM's INT4 path); engines are built on the device per JetPack.
 - Memory: AGX 32/64 GB, NX 8/16 GB, Nano 8 GB. Bandwidth: AGX Orin 204.8 GB/s, Orin Nano 68 GB/s (102 GB/s

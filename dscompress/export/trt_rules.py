@@ -2,7 +2,7 @@
 
 Operators: the standard-domain operators the onnx-tensorrt parser supports that our exports use (TensorRT 10
 `docs/operators.md` in onnx/onnx-tensorrt); no custom domains. Q/DQ forms (onnx-tensorrt
-QuantDequantLinearHelper, ../shared/REFERENCE.md section 4): zero points are constant 0; scales are positive
+QuantDequantLinearHelper, docs/DESIGN.md "ONNX INT4 and INT8"): zero points are constant 0; scales are positive
 constants; activations are quantized per tensor (scalar scale); int8 weights are per channel (1-D scale) and INT4
 weights are block-wise (DequantizeLinear `block_size`, scale of the weight's rank).
 """

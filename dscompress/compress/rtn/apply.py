@@ -1,0 +1,31 @@
+"""Weight-only round-to-nearest quantization (INT8 / INT4 / ...), group-wise, symmetric or asymmetric.
+
+The artifact keeps dequantized float weights, so stock transformers loads it and the gate measures the real
+quantized model; scales and zero points go to quantization.safetensors for exporters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dscompress.compress.rtn.config import RTNConfig
+from dscompress.compress.selection import check_group_size, selected
+from dscompress.context import PassOutput, StageContext
+from dscompress.quant.primitives import fake_quantize
+from dscompress.quant.qstate import QuantState
+
+# The pre-flight rule: the group size must divide every quantized width.
+check = check_group_size
+
+
+def apply(model: torch.nn.Module, config: RTNConfig, ctx: StageContext) -> PassOutput:
+    state = QuantState("rtn", config.bits, config.group_size, config.symmetric)
+    targets = selected(list(ctx.adapter.weight_targets(model)), config.exclude)
+    with torch.no_grad():
+        for t in ctx.track(targets, f"rtn int{config.bits} g{config.group_size}"):
+            weight = t.param
+            deq, scale, zero = fake_quantize(weight, config.bits, config.group_size, config.symmetric)
+            weight.copy_(deq.to(weight.dtype))
+            state.add(t.name, t.kind, weight.shape, scale, zero)
+    numel = sum(t.param.numel() for t in targets)
+    return PassOutput(model, quant=state, summary={"quantized_weights": len(targets), "quantized_params": numel})

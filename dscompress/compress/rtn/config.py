@@ -1,0 +1,19 @@
+"""`rtn:` stage configuration (torch-free: the recipe schema imports it)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from dscompress.compress.selection import WithExclude
+
+
+class RTNConfig(WithExclude):
+    """`rtn:` stage. Example: `{bits: 4, group_size: 64, symmetric: false}`."""
+
+    bits: Literal[2, 3, 4, 8] = Field(4, description="bits per weight")
+    group_size: Literal[-1, 32, 64, 128] = Field(
+        128, description="weights sharing one scale along in_features; -1 = one per output channel"
+    )
+    symmetric: bool = Field(True, description="symmetric grid (zero point 2**(bits-1)) or asymmetric")

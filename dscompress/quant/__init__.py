@@ -1,0 +1,1 @@
+"""Quantization primitives, the quantization state a stage carries, activation fake-quant and code packing."""

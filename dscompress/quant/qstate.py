@@ -1,0 +1,73 @@
+"""Quantization metadata stored next to a stage's checkpoint, so later passes and exporters reuse it exactly.
+
+A quantized stage's `model.safetensors` holds the dequantized float weights (so stock transformers loads it and
+evaluation measures the real quantized model). Beside it:
+- `quantization.json`: method, bits, group size, symmetry, and every quantized weight with its shape;
+- `quantization.safetensors`: `<name>.scale` (float32, (..., G)) and `<name>.zero` (int32, (..., G)).
+The integer codes are `round(w / scale) + zero`, exact because w was written as `(q - zero) * scale`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dscompress.quant.primitives import quantize_codes
+
+QUANT_JSON = "quantization.json"
+QUANT_TENSORS = "quantization.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class QuantState:
+    method: str
+    bits: int
+    group_size: int
+    symmetric: bool
+    targets: dict[str, dict] = field(default_factory=dict)  # name -> {"kind", "shape"}
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # "<name>.scale" / "<name>.zero"
+    # W8A8 stages: Linear name -> {"precision": "int8" | "float", "site", "threshold", "sensitivity"}; int8 ones
+    # have a "<name>.input_scale" tensor (float32 scalar, symmetric, zero point 0).
+    activations: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, name: str, kind: str, shape, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self.targets[name] = {"kind": kind, "shape": list(shape)}
+        self.tensors[f"{name}.scale"] = scale.float().contiguous()
+        self.tensors[f"{name}.zero"] = zero.to(torch.int32).contiguous()
+
+    def codes(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The integer codes of a stored (dequantized) weight."""
+        scale, zero = self.tensors[f"{name}.scale"], self.tensors[f"{name}.zero"]
+        return quantize_codes(weight, scale, zero, self.bits, self.group_size)
+
+    def save(self, directory: Path) -> None:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "convention": "w = (q - zero) * scale, q unsigned in [0, 2**bits - 1], groups along in_features",
+            "targets": self.targets,
+        }
+        if self.activations:
+            meta["activations"] = self.activations
+            meta["activation_convention"] = "x_q = clamp(round(x / input_scale), -128, 127), zero point 0"
+        (directory / QUANT_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        save_file(self.tensors, str(directory / QUANT_TENSORS), metadata={"format": "dscompress-qstate"})
+
+    @classmethod
+    def load(cls, directory: Path) -> QuantState | None:
+        if not (directory / QUANT_JSON).is_file():
+            return None
+        meta = json.loads((directory / QUANT_JSON).read_text())
+        tensors = load_file(str(directory / QUANT_TENSORS))
+        return cls(
+            meta["method"], meta["bits"], meta["group_size"], meta["symmetric"], meta["targets"], tensors,
+            meta.get("activations", {}),
+        )  # fmt: skip

@@ -1,0 +1,180 @@
+"""The distill pass on tiny models: KL to the teacher falls, 2 gloo processes match 1, a SIGKILLed run resumes to
+the same bytes, quantized students stay on their grid, layer/width mappings, top-k teacher cache, bad options."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_RECIPE, cli, cli_here, run_and_sigkill, write_recipe
+from safetensors.torch import load_file, save_file
+from test_pipeline import run_recipe
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from dscompress.compress.distill.ste import off_grid
+from dscompress.errors import EXIT_BAD_INPUT
+from dscompress.models.load import load_model
+from dscompress.models.sources import resolve
+from dscompress.quant.qstate import QuantState
+
+PRUNE = "  - prune: {mlp: {ratio: 0.5}, heads: {ratio: 0.5}}\n"
+DISTILL = ("  - distill: {{budget: {{tokens: {tokens}}}, lr: 0.003, eval_every: 10, checkpoint_every: 10, "
+           "stop_when_gate_met: false{extra}}}\n    gate: {{kl: {{max: 1.0}}}}\n")  # fmt: skip
+
+
+def recipe(tmp_path, stages: str, model: str = "tiny:llama", name: str = "r.yaml"):
+    text = TINY_RECIPE.format(model=model, stages=stages.rstrip("\n"))
+    return write_recipe(tmp_path / name, text.replace("train: {samples: 4,", "train: {samples: 32,"))
+
+
+def distill(tokens: int = 20480, **extra) -> str:
+    more = "".join(f", {k}: {v}" for k, v in extra.items())
+    return DISTILL.format(tokens=tokens, extra=more)
+
+
+def summary(out, stage="2-distill"):
+    return json.loads((out / stage / "manifest.json").read_text())["summary"]
+
+
+def test_kl_to_the_teacher_falls_and_the_student_loads_stock(tmp_path):
+    report = run_recipe(recipe(tmp_path, PRUNE + distill()), tmp_path / "out")
+    history = summary(tmp_path / "out")["history"]
+    assert history[0]["step"] == 0 and history[-1]["step"] == 40
+    assert history[-1]["kl"] <= 0.7 * history[0]["kl"], history  # at least 30% lower within 40 steps
+    assert report["stages"][2]["metrics"]["kl"] < report["stages"][1]["metrics"]["kl"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "2-distill")
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    one = run_recipe(recipe(tmp_path, PRUNE + distill(10240)), tmp_path / "one")
+    two = run_recipe(recipe(tmp_path, PRUNE + distill(10240, devices=2), name="two.yaml"), tmp_path / "two")
+    assert summary(tmp_path / "two")["world_size"] == 2 and summary(tmp_path / "one")["world_size"] == 1
+    a, b = one["stages"][2]["metrics"], two["stages"][2]["metrics"]
+    assert a["kl"] == pytest.approx(b["kl"], rel=1e-3) and a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
+    wa, wb = (load_file(str(tmp_path / d / "2-distill" / "model.safetensors")) for d in ("one", "two"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4  # same steps, reduction order aside
+
+
+def test_sigkilled_distillation_resumes_to_identical_bytes(tmp_path):
+    stages = PRUNE + distill(40960)
+    run_recipe(recipe(tmp_path, stages), tmp_path / "full")
+    killed = tmp_path / "killed"
+    run_and_sigkill(recipe(tmp_path, stages, name="k.yaml"), killed, ".resume/2-distill-*/ckpt/state.json")
+    assert not (killed / "2-distill").exists()
+    assert cli("run", str(tmp_path / "k.yaml"), "--out", str(killed)).returncode == 0
+    assert summary(killed)["resumed_from_step"] >= 10
+    full = (tmp_path / "full" / "2-distill" / "model.safetensors").read_bytes()
+    assert (killed / "2-distill" / "model.safetensors").read_bytes() == full
+    assert summary(killed)["history"] == summary(tmp_path / "full")["history"]
+    assert not list((killed / ".resume").glob("*"))  # checkpoints go once the stage is complete
+
+
+@pytest.mark.parametrize("mode", ["ste", "requantize"])
+def test_quantized_student_stays_on_its_grid(tmp_path, mode):
+    rtn = "  - rtn: {bits: 4, group_size: 64, symmetric: false}\n"
+    run_recipe(recipe(tmp_path, rtn + distill(10240, quantized=mode)), tmp_path / "out")
+    stage, before = tmp_path / "out" / "2-distill", tmp_path / "out" / "1-rtn"
+    quant, old = QuantState.load(stage), QuantState.load(before)
+    model = load_model(stage)
+    assert off_grid(model, quant) == []  # every quantized weight is exactly (q - zero) * scale
+    trained, start = load_file(str(stage / "model.safetensors")), load_file(str(before / "model.safetensors"))
+    names = [k + ".weight" for k in quant.targets if k + ".weight" in trained]
+    assert names and any(not torch.equal(trained[k], start[k]) for k in names)
+    same_scales = all(torch.equal(quant.tensors[k], old.tensors[k]) for k in old.tensors)
+    assert same_scales == (mode == "ste") and summary(tmp_path / "out")["quantized"] == mode
+
+
+def test_hidden_loss_maps_pruned_layers_and_channels(tmp_path):
+    prune = "  - prune: {depth: {size: 1}, hidden: {ratio: 0.25}}\n"
+    hidden = "{layers: [0], loss: cosine}"
+    run_recipe(recipe(tmp_path, prune + distill(5120, hidden=hidden)), tmp_path / "out")
+    kept = json.loads((tmp_path / "out" / "1-prune" / "manifest.json").read_text())["summary"]["kept_layers"]
+    s = summary(tmp_path / "out")
+    assert s["layer_map"] == kept and s["hidden_channels_from_prune"] is True
+
+
+def test_precomputed_teacher_topk(tmp_path):
+    report = run_recipe(recipe(tmp_path, PRUNE + distill(teacher_topk=128)), tmp_path / "out")
+    history = summary(tmp_path / "out")["history"]
+    assert history[-1]["kl"] <= 0.7 * history[0]["kl"] and report["result"] == "passed"
+
+
+def other_vocabulary(path):
+    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                                         num_hidden_layers=1, num_attention_heads=2))  # fmt: skip
+    model.save_pretrained(path)
+    for f in resolve("tiny:llama").directory.glob("tokenizer*"):
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("stages", "expect"),
+    [
+        (PRUNE + distill(teacher="rtn"), "stages[1].distill.teacher: 'rtn' is not an earlier stage; allowed: "
+                                         "baseline, prune, or a checkpoint path"),
+        (PRUNE + distill(tokens=0), "stages[1].distill.budget.tokens"),
+        (PRUNE + distill(teacher="VOCAB"), "has a vocabulary of 512 and the student 320"),
+        (PRUNE + distill(hidden="{layers: [5]}"), "[5] are not student layers (0..1)"),
+        (PRUNE + distill(batch_size=6, grad_accum=4), "batch_size 6 does not split into grad_accum 4 parts"),
+    ],
+)  # fmt: skip
+def test_bad_options_are_one_line_errors(tmp_path, stages, expect):
+    stages = stages.replace("VOCAB", str(other_vocabulary(tmp_path / "other")))
+    result = cli_here("run", str(recipe(tmp_path, stages)), "--out", str(tmp_path / "out"))
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == EXIT_BAD_INPUT and expect in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_w8a8_student_is_refused(tmp_path):
+    int8 = "  - int8: {fallback: none}\n"
+    result = cli_here("run", str(recipe(tmp_path, int8 + distill())), "--out", str(tmp_path / "out"))
+    assert result.returncode == EXIT_BAD_INPUT and "distill before the int8 stage" in result.stderr, result.stderr
+    assert (tmp_path / "out" / "1-int8").is_dir() and not (tmp_path / "out" / "2-distill").exists()
+
+
+def test_chunked_kd_loss_and_gradient_equal_the_plain_formula(monkeypatch):
+    import torch.nn.functional as F
+
+    from dscompress.compress.distill import train as distill_train
+
+    monkeypatch.setattr(distill_train._FullKD, "CHUNK", 7)  # chunks that do not divide the 33 tokens
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 11, 50, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randn(3, 11, 50, dtype=torch.float64, generator=gen)
+    for temperature in (1.0, 2.0):
+        p, q = F.log_softmax(t / temperature, -1), F.log_softmax(s / temperature, -1)
+        ref = (p.exp() * (p - q)).sum(-1).mean() * temperature**2
+        out = distill_train.kd_loss(s, t, temperature)
+        (g_ref,), (g,) = torch.autograd.grad(ref, s), torch.autograd.grad(out, s)
+        assert float(out.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+        assert torch.allclose(g, g_ref, atol=1e-8)
+
+
+def test_plan_reports_training_memory_and_prune_advice(tmp_path):
+    result = cli("plan", str(recipe(tmp_path, PRUNE + distill())), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    prune, train = plan["stages"]
+    assert plan["params"] > prune["params"] == train["params"]  # the header is the source model
+    assert train["train_memory_bytes"] > 16 * train["params"] and "lost least" in prune["advice"]
+
+
+def test_topk_cache_key_follows_the_teachers_weights_and_the_text(tmp_path):
+    from types import SimpleNamespace
+
+    from dscompress.compress.distill.loop import _topk_key
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(resolve("tiny:llama").directory, teacher)
+    train = torch.arange(64).reshape(4, 16)
+    job = SimpleNamespace(teacher_dir=teacher, train=train, dtype="float32")
+    key = _topk_key(job)
+    assert _topk_key(SimpleNamespace(teacher_dir=teacher, train=train + 1, dtype="float32")) != key
+    weights = load_file(str(teacher / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    save_file(weights, str(teacher / "model.safetensors"))
+    assert _topk_key(job) != key

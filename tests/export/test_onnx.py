@@ -1,0 +1,118 @@
+"""ONNX export with KV cache on every architecture, quantized graphs, TensorRT rules, and the parity gate."""
+
+import json
+
+import onnx
+import pytest
+import torch
+from conftest import cli, tiny_recipe
+from test_pipeline import run_recipe
+
+from dscompress.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED
+from dscompress.export import trt_rules
+from dscompress.export.onnx import ExportError
+from dscompress.export.ort_runner import OrtLM, torch_greedy
+from dscompress.export.stage_export import export_stage
+from dscompress.models.load import load_model
+from dscompress.models.sources import resolve
+from dscompress.models.tiny import TINY_ARCHS
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_fp32_export_with_kv_cache_matches_torch(tmp_path, arch):
+    stage = resolve(f"tiny:{arch}").directory
+    meta = export_stage(stage, "onnx", tmp_path / "onnx")
+    assert meta["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert meta["inputs"][3:5] == ["past.0.key", "past.0.value"] and meta["outputs"][1] == "present.0.key"
+    lm, model = OrtLM(tmp_path / "onnx"), load_model(stage).eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float((lm.logits(ids) - model(ids).logits).abs().max()) < 1e-4
+    # decode with the cache: prefill 10 tokens, then one at a time, against one full forward
+    logits, past = lm.step(ids[:, :10].numpy(), lm.empty_past(2), 0)
+    for pos in range(10, 24):
+        step, past = lm.step(ids[:, pos : pos + 1].numpy(), past, pos)
+        logits = torch.cat([torch.from_numpy(logits), torch.from_numpy(step)], 1).numpy()
+    with torch.no_grad():
+        assert float((torch.from_numpy(logits) - model(ids).logits).abs().max()) < 1e-4
+    for row in ids:
+        assert lm.greedy(row[:8], 12)[0] == torch_greedy(model, row[:8], 12)
+    if arch == "deepseek_v3":  # the compressed MLA cache: latents (kv_lora_rank) and the rope key
+        assert list(meta["layout"]["key"]) == [1, 128] and list(meta["layout"]["value"]) == [1, 16]
+
+
+def test_int8_and_int4_graphs_follow_their_targets(tmp_path):
+    stages = (
+        "  - int8: {calibration: kl, fallback: none}\n    gate: {kl: {max: 0.5}}\n"
+        "    onnx: {targets: [onnx, onnx-ort]}\n"
+        "  - name: w4\n    rtn: {bits: 4, group_size: 32, symmetric: true}\n    gate: {kl: {max: 1.0}}\n"
+        "    onnx: {targets: [onnx, onnx-ort]}"
+    )
+    report = run_recipe(tiny_recipe(tmp_path / "r.yaml", "tiny:qwen2", stages), tmp_path / "out")
+    assert report["result"] == "passed"
+    int8, w4 = report["stages"][1], report["stages"][2]
+    assert int8["onnx"]["onnx"]["quantization"]["int8_weights"] == 14
+    assert int8["onnx"]["onnx"]["quantization"]["int8_activations"] == 8  # q/k/v and gate/up share one Q/DQ
+    assert w4["onnx"]["onnx"]["quantization"]["int4_dq"] == 14
+    assert w4["onnx"]["onnx-ort"]["quantization"]["matmulnbits"] == 14
+    assert all(v["passed"] for v in int8["verdicts"] + w4["verdicts"])
+    graph = onnx.load(str(tmp_path / "out" / "1-int8" / "onnx" / "onnx" / "model.onnx"))
+    assert trt_rules.check(graph) == []
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    ort_graph = onnx.load(str(tmp_path / "out" / "2-w4" / "onnx" / "onnx-ort" / "model.onnx"))
+    problems = trt_rules.check(ort_graph)
+    assert any("MatMulNBits" in p and "com.microsoft" in p for p in problems)  # ORT-only, and the check says so
+
+
+def test_asymmetric_int4_is_refused_for_the_tensorrt_target(tmp_path):
+    stages = "  - rtn: {bits: 4, group_size: 32, symmetric: false}\n    onnx: {targets: [onnx]}"
+    result = cli("run", str(tiny_recipe(tmp_path / "r.yaml", "tiny:llama", stages)), "--out", str(tmp_path / "o"))
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr
+    assert "asymmetric INT4" in lines[-1] and "onnx-ort" in lines[-1]
+
+
+def test_zero_tolerance_on_int4_fails_the_parity_gate_and_keeps_the_previous(tmp_path):
+    stages = (
+        "  - rtn: {bits: 8, group_size: -1}\n    gate: {kl: {max: 1.0}}\n"
+        "  - name: w4\n    rtn: {bits: 4, group_size: 32}\n    gate: {kl: {max: 1.0}}\n"
+        "    onnx: {targets: [onnx], parity: {max_perplexity_diff_pct: 0, max_kl_diff: 0, max_top1_diff: 0}}"
+    )
+    out = tmp_path / "out"
+    result = cli("run", str(tiny_recipe(tmp_path / "r.yaml", "tiny:llama", stages)), "--out", str(out))
+    assert result.returncode == EXIT_GATE_FAILED, result.stderr
+    assert "onnx: ORT perplexity" in result.stderr and "kept 1-rtn" in result.stderr
+    assert (out / "latest").resolve().name == "1-rtn"
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"][2]["status"] == "failed"
+
+
+def test_unknown_target_is_an_error(tmp_path):
+    with pytest.raises(ExportError, match="allowed: onnx, onnx-ort"):
+        export_stage(resolve("tiny:llama").directory, "tensorrt", tmp_path)
+
+
+def test_a_tied_lm_head_is_quantized_in_the_graph_too(tmp_path):
+    stages = (
+        "  - rtn: {bits: 4, group_size: 32, symmetric: true, exclude: [embed_tokens]}\n    gate: {kl: {max: 1.0}}\n"
+        "    onnx: {targets: [onnx, onnx-ort]}"
+    )
+    report = run_recipe(tiny_recipe(tmp_path / "r.yaml", "tiny:llama", stages), tmp_path / "out")
+    onnx_results = report["stages"][1]["onnx"]
+    assert onnx_results["onnx"]["quantization"]["int4_dq"] == 15  # 14 projections + lm_head (a Transpose of the
+    assert onnx_results["onnx-ort"]["quantization"]["matmulnbits"] == 15  # shared embedding in the float graph)
+    assert all(v["passed"] for v in report["stages"][1]["verdicts"])
+
+
+def test_fp16_onnx_ort_export_runs_close_to_torch(tmp_path):
+    stage = resolve("tiny:llama").directory
+    meta = export_stage(stage, "onnx-ort", tmp_path / "fp16", fp16=True)
+    assert meta["fp16"] and meta["ort_fusions"]  # RMSNorms fused for ONNX Runtime
+    lm, model = OrtLM(tmp_path / "fp16"), load_model(stage).eval()
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert float((lm.logits(ids) - model(ids).logits).abs().max()) < 5e-2  # float16 arithmetic
+    assert len(lm.greedy(ids[0, :8], 6)[0]) == 6
+    with pytest.raises(ExportError, match="fp16 is an onnx-ort option"):
+        export_stage(stage, "onnx", tmp_path / "x", fp16=True)

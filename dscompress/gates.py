@@ -89,3 +89,49 @@ def within_margin(estimate: dict, gate: Gate, margin: float) -> bool:
     if gate.perplexity and estimate["perplexity_increase_pct"] > margin * gate.perplexity.max_increase_pct:
         return False
     return not (gate.top1 and estimate["top1"] < 1.0 - margin * (1.0 - gate.top1.min))
+
+
+class OnnxParity(Strict):
+    """How far the exported model may drift from the torch stage, on the evaluation windows."""
+
+    max_perplexity_diff_pct: float = Field(0.5, ge=0, description="|ppl_onnx / ppl_torch - 1|, in percent")
+    max_kl_diff: float = Field(0.002, ge=0, description="|KL_onnx - KL_torch| to the baseline, nats/token")
+    max_top1_diff: float = Field(0.01, ge=0, description="|top1_onnx - top1_torch|")
+    greedy_prompts: int = Field(4, ge=0, description="unquantized stages: prompts whose greedy tokens must match")
+    greedy_tokens: int = Field(16, ge=1, description="tokens generated per prompt for that check")
+
+
+def parity_verdicts(label: str, ort: dict, torch_metrics: dict, tolerance: OnnxParity) -> list[Verdict]:
+    """The exported model (in the runtime it targets) against the torch stage, on the same windows."""
+    ppl_diff = abs(ort["perplexity"] / torch_metrics["perplexity"] - 1.0) * 100.0
+    kl_diff, top1_diff = abs(ort["kl"] - torch_metrics["kl"]), abs(ort["top1"] - torch_metrics["top1"])
+    return [
+        _at_most(
+            f"onnx:{label}:perplexity", ppl_diff, tolerance.max_perplexity_diff_pct,
+            f"{label}: ORT perplexity {ort['perplexity']:.4f} vs torch {torch_metrics['perplexity']:.4f}"
+            f" ({ppl_diff:.3f}%, max {tolerance.max_perplexity_diff_pct:g}%)",
+        ),
+        _at_most(
+            f"onnx:{label}:kl", kl_diff, tolerance.max_kl_diff,
+            f"{label}: ORT KL {ort['kl']:.5f} vs torch {torch_metrics['kl']:.5f} (max diff {tolerance.max_kl_diff:g})",
+        ),
+        _at_most(
+            f"onnx:{label}:top1", top1_diff, tolerance.max_top1_diff,
+            f"{label}: ORT top-1 {ort['top1']:.4f} vs torch {torch_metrics['top1']:.4f}"
+            f" (max diff {tolerance.max_top1_diff:g})",
+        ),
+    ]  # fmt: skip
+
+
+def greedy_verdict(label: str, greedy: dict, tolerance: OnnxParity) -> Verdict:
+    """Unquantized exports: greedy tokens identical to torch's on every checked prompt."""
+    same = greedy["identical_prompts"] == tolerance.greedy_prompts
+    return _at_most(
+        f"onnx:{label}:greedy", float(not same), 0.0,
+        f"{label}: greedy tokens identical on {greedy['identical_prompts']}/{tolerance.greedy_prompts} prompts; "
+        f"max |logit diff| {greedy['max_logit_diff']:.2e}",
+    )  # fmt: skip
+
+
+def _at_most(metric: str, value: float, limit: float, detail: str) -> Verdict:
+    return Verdict(metric, value, limit, "<=", value <= limit, detail)

@@ -26,7 +26,7 @@ from dscompress.compress.int8.config import Int8Config
 from dscompress.compress.prune.config import PruneConfig
 from dscompress.compress.rtn.config import RTNConfig
 from dscompress.errors import RecipeError
-from dscompress.gates import Gate
+from dscompress.gates import Gate, OnnxParity
 from dscompress.registry import PACKABLE, PASS_KEYS, spec_by_key
 from dscompress.schema import Strict
 from dscompress.yamlpaths import Loc, LocatedYaml, format_loc, load_located
@@ -34,21 +34,11 @@ from dscompress.yamlpaths import Loc, LocatedYaml, format_loc, load_located
 
 class ModelSpec(Strict):
     path: str = Field(
-        description="checkpoint directory (safetensors), a .gguf file, 'bundled:smollm2-135m-instruct' or "
-        "'tiny:<llama|qwen2|qwen3|qwen3_moe|deepseek_v3>'"
+        description="checkpoint directory (safetensors), a .gguf file, 'bundled:smollm2-135m-instruct', "
+        "'bundled:qwen2.5-coder-0.5b-instruct' or 'tiny:<llama|qwen2|qwen3|qwen3_moe|deepseek_v3>'"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of every stage")
     trust_remote_code: bool = Field(False, description="allow a checkpoint's own modeling code (auto_map)")
-
-
-class OnnxParity(Strict):
-    """How far the exported model may drift from the torch stage, on the evaluation windows."""
-
-    max_perplexity_diff_pct: float = Field(0.5, ge=0, description="|ppl_onnx / ppl_torch - 1|, in percent")
-    max_kl_diff: float = Field(0.002, ge=0, description="|KL_onnx - KL_torch| to the baseline, nats/token")
-    max_top1_diff: float = Field(0.01, ge=0, description="|top1_onnx - top1_torch|")
-    greedy_prompts: int = Field(4, ge=0, description="unquantized stages: prompts whose greedy tokens must match")
-    greedy_tokens: int = Field(16, ge=1, description="tokens generated per prompt for that check")
 
 
 class OnnxSpec(Strict):

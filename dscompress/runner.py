@@ -128,13 +128,16 @@ class Runner:
         """Resolve the model, check the recipe against its shapes, and cut the data windows stages need."""
         model = self.recipe.model
         with self.console.status(f"resolving {model.path} (a GGUF or packed checkpoint converts once)"):
-            source = resolve(model.path).directory
+            source = resolve(model.path, on_step=self._step).directory
         check_against_model(self.recipe, self.located, inspect_model(source, model.trust_remote_code))
         self.corpus = Corpus(self.recipe.data, load_tokenizer(source))
         needed = {"eval"}.union(*(spec_for(s.pass_config).needs for s in self.recipe.stages))
         for split in sorted(needed):
             self.corpus.windows(split)
         return source
+
+    def _step(self, message: str) -> None:
+        self.console.print(f"[dim]{time.strftime('%H:%M:%S')} {message}[/dim]", highlight=False)
 
     def _base_report(self) -> dict:
         spec = self.recipe.data

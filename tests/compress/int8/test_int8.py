@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import cli_here, tiny_recipe
-from test_pipeline import run_recipe
 from transformers import AutoModelForCausalLM
 
+from dscompress import run as run_recipe
 from dscompress.calibrate.observers import AbsHistogram, kl_divergences, kl_threshold
 from dscompress.compress.int8.config import Int8Config
 from dscompress.compress.int8.smoothquant import fold, layer_sites, smoothing_scales

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import cli_here, tiny_recipe
 from safetensors.torch import load_file, save_file
-from test_pipeline import run_recipe
 from transformers import AutoModelForCausalLM
 
+from dscompress import run as run_recipe
 from dscompress.errors import EXIT_BAD_INPUT
 from dscompress.models.info import inspect_model
 from dscompress.models.load import load_model

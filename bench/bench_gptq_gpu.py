@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
+from dscompress.compress.gptq import solve
 from dscompress.compress.gptq.apply import apply
 from dscompress.compress.gptq.config import GPTQConfig
 from dscompress.context import StageContext
@@ -47,6 +48,13 @@ SHAPES = {
         tie_word_embeddings=False,
         max_position_embeddings=32768,
     ),  # fmt: skip
+    # DeepSeek-V3's widths (MLA, 256 routed + 1 shared expert of 2048, 8 per token), 1 dense + N MoE layers
+    "deepseek-v3-1d1m": lambda: DeepseekV3Config(
+        num_hidden_layers=2, first_k_dense_replace=1, max_position_embeddings=4096
+    ),  # fmt: skip
+    "deepseek-v3-1d2m": lambda: DeepseekV3Config(
+        num_hidden_layers=3, first_k_dense_replace=1, max_position_embeddings=4096
+    ),  # fmt: skip
     "qwen2.5-7b": lambda: Qwen2Config(
         vocab_size=152064,
         hidden_size=3584,
@@ -74,6 +82,9 @@ def random_model(shape: str, dtype: torch.dtype, fill_device: torch.device):
                 p.fill_(1.0)
             else:
                 p.copy_(torch.empty(p.shape, dtype=dtype, device=fill_device).normal_(0.0, 0.02))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's router bias: to_empty leaves garbage
+                b.zero_()
     model.model.rotary_emb.__init__(model.config)  # recompute inv_freq buffers that to_empty left empty
     return model.eval()
 
@@ -87,9 +98,13 @@ def main() -> None:
     ap.add_argument("--cap-gib", type=float, default=0.0, help="accelerator memory cap (0: none)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test")
+    ap.add_argument("--expert-memory-share", type=float, default=None,
+                    help="share of free accelerator memory for expert Hessians and batched solves")  # fmt: skip
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if args.expert_memory_share is not None:
+        solve.EXPERT_MEMORY_SHARE = args.expert_memory_share
     t0 = time.perf_counter()
     model = random_model(args.shape, torch.bfloat16, device)
     build_s = time.perf_counter() - t0
@@ -113,6 +128,8 @@ def main() -> None:
         "gptq_seconds": round(seconds, 2),
         "seconds_per_billion_params": round(seconds / (n_params / 1e9), 2),
         "peak_accelerator_gib": round(out.summary["peak_accelerator_bytes"] / 2**30, 3),
+        "peak_cpu_rss_gib": round(out.summary["peak_rss_bytes"] / 2**30, 3),
+        "expert_memory_share": solve.EXPERT_MEMORY_SHARE,
         "model_build_seconds": round(build_s, 1), "torch": torch.__version__,
     }  # fmt: skip
     print(json.dumps(result))

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from dscompress.compress.gptq.batched import batchable, gptq_quantize_batched
 from dscompress.compress.gptq.config import GPTQConfig
 from dscompress.compress.gptq.math import HessianAccumulator, gptq_quantize
 from dscompress.compress.gptq.ranks import SingleRank
@@ -38,6 +39,12 @@ from dscompress.quant.primitives import fake_quantize, n_groups
 from dscompress.quant.qstate import QuantState
 
 KEEP_BYTES = 1 << 30  # activations the dense-block shortcut may keep instead of recomputing
+# The Hessians of one stacked expert group take n_experts x in^2 x 4 bytes (DeepSeek-V3's 256 experts x 7168^2:
+# 52 GB). They are accumulated and solved in chunks of experts that fit this share of the accelerator's free
+# memory (on a CPU, EXPERT_CPU_BUDGET). Each chunk reruns the layer up to the experts: exact, since an expert's
+# inputs do not depend on other experts' weights.
+EXPERT_MEMORY_SHARE = 0.08  # measured on an H200: DeepSeek-V3 widths peak at 40.6 GiB (0.25: 61 GiB, 21% faster)
+EXPERT_CPU_BUDGET = 8 << 30
 
 
 class _GroupHessians:
@@ -47,7 +54,8 @@ class _GroupHessians:
     need nothing after it), so collecting q/k/v costs a norm, not a whole layer.
     """
 
-    def __init__(self, group: list[WeightTarget], device, stop: bool = False, hooks: bool = True, keep=None):
+    def __init__(self, group: list[WeightTarget], device, stop: bool = False, hooks: bool = True, keep=None,
+                 experts: range | None = None):  # fmt: skip
         self.group, self.handles, self.stop, self.keep = group, [], stop, keep
         first = group[0]
         if not hooks:  # the caller feeds self.acc itself
@@ -57,15 +65,15 @@ class _GroupHessians:
             self.acc = HessianAccumulator(first.in_features, device)
             self.handles.append(first.module.register_forward_pre_hook(self._linear_hook))
         else:
-            experts, n_experts = first.module, first.param.shape[0]
-            self.accs = [HessianAccumulator(first.in_features, device) for _ in range(n_experts)]
-            self.handles.append(experts.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
+            self.experts = experts if experts is not None else range(first.param.shape[0])
+            self.accs = {e: HessianAccumulator(first.in_features, device) for e in self.experts}
+            self.handles.append(first.module.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
 
     def _experts_hook(self, module, args, kwargs):
         values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
         hidden, index = values[0], values[1]
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        for e, acc in enumerate(self.accs):
+        for e, acc in self.accs.items():
             rows = (index == e).any(-1)
             x = hidden[rows]
             if self.group[0].attr == "down_proj" and len(x):  # the expert's own intermediate activations
@@ -95,6 +103,7 @@ class _Run:
     state: QuantState
     stats: dict
     comm: SingleRank
+    grids: dict = field(default_factory=dict)  # stacked group -> {expert: (scale, zero)} while it is solved
 
     def solver_args(self) -> dict:
         c = self.config
@@ -106,7 +115,43 @@ def _quantize_group(hess: _GroupHessians, run: _Run) -> None:
     if hess.group[0].kind == "linear":
         _quantize_linears(hess.group, run.comm.reduce(hess.acc), run)
     else:
-        _quantize_experts(hess.group[0], [run.comm.reduce(acc) for acc in hess.accs], run)
+        _quantize_experts(hess.group[0], {e: run.comm.reduce(acc) for e, acc in hess.accs.items()}, run)
+
+
+def _expert_budget(device: torch.device) -> float:
+    return EXPERT_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else EXPERT_CPU_BUDGET
+
+
+def expert_chunk(t: WeightTarget, device: torch.device, comm: SingleRank) -> int:
+    """How many experts' Hessians of stacked group `t` to hold at once (the same on every rank)."""
+    chunk = max(1, min(t.param.shape[0], int(_expert_budget(device) // (4 * t.in_features**2))))
+    return -comm.max(-chunk)  # the smallest over ranks
+
+
+def _solve_experts(t: WeightTarget, mine: list[int], accs: dict[int, HessianAccumulator], run: _Run) -> dict:
+    """{expert: (weight, scale, zero, fallback flag)} for this rank's experts: batched solves (one kernel per
+    column step for a whole batch) where the grids are static, sized so about six Hessian-sized and four
+    weight-sized work tensors per expert fit the budget; one by one otherwise."""
+    args, results = run.solver_args(), {}
+    out_f, in_f = t.param.shape[1], t.param.shape[2]
+    per_expert = 4 * (6 * in_f**2 + 4 * out_f * in_f)
+    step = max(1, int(_expert_budget(accs[mine[0]].H.device) // per_expert)) if mine else 1
+    if not batchable(args["act_order"], args["group_size"]):
+        step = 1
+    for start in range(0, len(mine), step):
+        batch = mine[start : start + step]
+        W = torch.stack([t.param[e].detach() for e in batch])
+        H = torch.stack([accs[e].H for e in batch])
+        for e in batch:
+            accs[e].H = None  # the stacked copy is consumed by the solve
+        if len(batch) == 1 and step == 1:
+            found = [gptq_quantize(W[0], H[0], **args)]
+        else:
+            found = gptq_quantize_batched(W, H, **args)
+        del W, H
+        for e, res in zip(batch, found, strict=True):
+            results[e] = (res.weight, res.scale, res.zero, float(res.damp_used < 0))
+    return results
 
 
 def _quantize_linears(group: list[WeightTarget], acc: HessianAccumulator, run: _Run) -> None:
@@ -139,26 +184,35 @@ def _full_rows(res, n: int, bounds: list[tuple[int, int]], comm: SingleRank):
     return weight, scale, zero
 
 
-def _quantize_experts(t: WeightTarget, accs: list[HessianAccumulator], run: _Run) -> None:
-    """Stacked experts, one Hessian each (from the tokens routed to it). Expert e is solved by rank e % ranks:
-    every rank solves its experts first, then all exchange, so the solves run side by side."""
+def _quantize_experts(t: WeightTarget, accs: dict[int, HessianAccumulator], run: _Run) -> None:
+    """Stacked experts (a chunk of them), one Hessian each (from the tokens routed to it). Expert e is solved by
+    rank e % ranks: every rank solves its experts first, then all exchange, so the solves run side by side.
+    Each result goes straight into the stacked parameter; its grid into `run.grids` until the group is complete."""
     config, comm = run.config, run.comm
     results, solved = {}, []
-    for e, acc in enumerate(accs):
+    for e, acc in accs.items():
         if acc.n < config.moe_min_tokens:  # acc.n counts every rank's tokens: all ranks agree
             results[e] = (*fake_quantize(t.param[e].detach(), config.bits, config.group_size, config.symmetric), 0.0)
             run.stats["experts_rtn_fallback"] += 1
             continue
         solved.append(e)
-        if e % comm.world == comm.rank:
-            res = gptq_quantize(t.param[e].detach(), acc.H, **run.solver_args())
-            results[e] = (res.weight, res.scale, res.zero, float(res.damp_used < 0))
+    mine = [e for e in solved if e % comm.world == comm.rank]
+    for e in solved:
+        if e not in mine:
+            accs[e].H = None  # another rank solves it
+    results |= _solve_experts(t, mine, accs, run)
     for e in solved:
         results[e] = _exchange_expert(t, e, results.get(e), run)
         run.stats["rtn_fallback_weights"] += int(results[e][3])
-    weights, scales, zeros = (torch.stack([results[e][i] for e in range(len(accs))]) for i in range(3))
-    t.param.data.copy_(weights.to(t.param.dtype))
-    run.state.add(t.name, t.kind, t.param.shape, scales.cpu(), zeros.cpu())
+    grids = run.grids.setdefault(t.name, {})
+    for e in sorted(results):
+        weight, scale, zero, _ = results.pop(e)
+        t.param.data[e].copy_(weight.to(t.param.dtype))
+        grids[e] = (scale.cpu(), zero.cpu())
+    if len(grids) == t.param.shape[0]:
+        del run.grids[t.name]
+        scales, zeros = (torch.stack([grids[e][i] for e in range(len(grids))]) for i in range(2))
+        run.state.add(t.name, t.kind, t.param.shape, scales, zeros)
 
 
 def _exchange_expert(t: WeightTarget, e: int, mine: tuple | None, run: _Run) -> tuple:
@@ -250,16 +304,36 @@ def _quantize_layer(layer, groups, batches, run: _Run) -> None:
     device = batches[0][0].device
     if run.config.true_sequential:
         for group in groups:
-            hess = _GroupHessians(group, device, stop=True)
-            run_layer(layer, batches)
-            hess.remove()
-            _quantize_group(hess, run)
+            for experts in _expert_chunks(group, device, run):
+                hess = _GroupHessians(group, device, stop=True, experts=experts)
+                run_layer(layer, batches)
+                hess.remove()
+                _quantize_group(hess, run)
         return
-    hessians = [_GroupHessians(group, device) for group in groups]
-    run_layer(layer, batches)
-    for hess in hessians:
-        hess.remove()
+    # Every Hessian from the float layer: dense groups are recorded on the first pass and quantized last; the
+    # experts come one chunk (the same experts in every stacked group) per pass, quantized after their pass.
+    dense = [_GroupHessians(g, device) for g in groups if g[0].kind == "linear"]
+    stacked = [g for g in groups if g[0].kind != "linear"]
+    chunk = min((expert_chunk(g[0], device, run.comm) for g in stacked), default=1)
+    n_experts = max((g[0].param.shape[0] for g in stacked), default=1)
+    for start in range(0, n_experts, chunk):
+        experts = range(start, min(start + chunk, n_experts))
+        hessians = [_GroupHessians(g, device, experts=experts) for g in stacked]
+        run_layer(layer, batches)
+        for hess in (*hessians, *(dense if start == 0 else ())):
+            hess.remove()
+        for hess in hessians:
+            _quantize_group(hess, run)
+    for hess in dense:
         _quantize_group(hess, run)
+
+
+def _expert_chunks(group: list[WeightTarget], device, run: _Run) -> list[range | None]:
+    """[None] for a dense group; for stacked experts, ranges of experts whose Hessians fit at once."""
+    if group[0].kind == "linear":
+        return [None]
+    n, chunk = group[0].param.shape[0], expert_chunk(group[0], device, run.comm)
+    return [range(a, min(a + chunk, n)) for a in range(0, n, chunk)]
 
 
 def _dense_parts(adapter, model, index: int, groups: list[list[WeightTarget]]):

@@ -43,8 +43,8 @@ def check(config: PruneConfig, info) -> list[tuple[str, str]]:
     return problems
 
 
-def kept_layers(config, cfg: PruneConfig, scores: dict) -> list[int]:
-    layers = config.get_text_config().num_hidden_layers
+def kept_layers(model_config, cfg: PruneConfig, scores: dict) -> list[int]:
+    layers = model_config.get_text_config().num_hidden_layers
     if not cfg.depth:
         return list(range(layers))
     return top(scores["blocks"], cfg.depth.keep(layers)).tolist()

@@ -10,9 +10,9 @@ from dscompress.compress.prune.layout import expert_field, expert_groups
 
 
 # ---- sizes (used by `plan` and `validate` too) ----------------------------------------------------------------
-def new_sizes(config, adapter, cfg: PruneConfig) -> tuple[dict, list[tuple[str, str]]]:
+def new_sizes(model_config, adapter, cfg: PruneConfig) -> tuple[dict, list[tuple[str, str]]]:
     """The config fields after pruning, and (field, problem) for targets the model cannot take."""
-    text = config.get_text_config()
+    text = model_config.get_text_config()
     sizes, problems = {}, []
     if cfg.mlp:
         for field in ("intermediate_size", "moe_intermediate_size"):
@@ -80,16 +80,16 @@ def _head_sizes(text, adapter, heads: HeadSize, sizes: dict) -> list[tuple[str, 
     return []
 
 
-def pruned_config(config, adapter, cfg: PruneConfig, kept_layers: list[int] | None = None):
-    """A deep copy of `config` with the pruned sizes and the per-layer lists of the kept layers."""
-    sizes, problems = new_sizes(config, adapter, cfg)
+def pruned_config(model_config, adapter, cfg: PruneConfig, kept_layers: list[int] | None = None):
+    """A deep copy of `model_config` (transformers) with the pruned sizes and the per-layer lists of the kept layers."""
+    sizes, problems = new_sizes(model_config, adapter, cfg)
     if problems:
         raise ValueError(f"{problems[0][0]}: {problems[0][1]}")
-    new = copy.deepcopy(config)
+    new = copy.deepcopy(model_config)
     for field, value in sizes.items():
         setattr(new, field, value)
     if kept_layers is not None:
-        _remap_layer_lists(new, config, adapter, kept_layers)
+        _remap_layer_lists(new, model_config, adapter, kept_layers)
     return new
 
 

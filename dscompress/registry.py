@@ -2,7 +2,7 @@
 
 Adding a pass: a `compress/<algo>/` folder with `config.py` (torch-free pydantic) and `apply.py` (defining
 `apply(model, config, ctx) -> PassOutput` and `check(config, info) -> [(field, message)]`), one entry here, and
-one optional field on `recipe.Stage` (tests/test_registry.py checks that the two agree).
+one optional field on `recipe.Stage` (tests/test_recipe.py checks that the two agree).
 
 The registry names each pass's module instead of importing it, so that reading a recipe (`schema`, `validate`'s
 first half) never imports torch; the module is imported when the pass is checked against a model or run.

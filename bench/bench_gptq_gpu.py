@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test")
     ap.add_argument("--expert-memory-share", type=float, default=None,
                     help="share of free accelerator memory for expert Hessians and batched solves")  # fmt: skip
+    ap.add_argument("--kernel", choices=["auto", "torch"], default="auto", help="the gptq pass's `kernel` option")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -114,7 +115,7 @@ def main() -> None:
         torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, 0)
     n_params = sum(p.numel() for p in model.parameters())
     windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=torch.Generator())
-    config = GPTQConfig(bits=4, group_size=args.group_size, symmetric=True, batch_size=8)
+    config = GPTQConfig(bits=4, group_size=args.group_size, symmetric=True, batch_size=8, kernel=args.kernel)
     with StageContext.standalone(model, windows, device) as ctx:
         t1 = time.perf_counter()
         out = apply(model, config, ctx)
@@ -129,7 +130,7 @@ def main() -> None:
         "seconds_per_billion_params": round(seconds / (n_params / 1e9), 2),
         "peak_accelerator_gib": round(out.summary["peak_accelerator_bytes"] / 2**30, 3),
         "peak_cpu_rss_gib": round(out.summary["peak_rss_bytes"] / 2**30, 3),
-        "expert_memory_share": solve.EXPERT_MEMORY_SHARE,
+        "expert_memory_share": solve.EXPERT_MEMORY_SHARE, "kernel": args.kernel,
         "model_build_seconds": round(build_s, 1), "torch": torch.__version__,
     }  # fmt: skip
     print(json.dumps(result))

@@ -49,9 +49,11 @@ def prepare(args) -> tuple[Path, torch.Tensor, torch.Tensor, str]:
     return directory, corpus.windows("calibration"), corpus.windows("eval"), args.dtype
 
 
-def quantize(directory: Path, dtype: str, cal: torch.Tensor, devices: int, group_size: int, batch_size: int = 8):
+def quantize(directory: Path, dtype: str, cal: torch.Tensor, devices: int, group_size: int, batch_size: int = 8,
+             kernel: str = "auto"):  # fmt: skip
     model = load_model(directory, dtype)
-    config = GPTQConfig(bits=4, group_size=group_size, symmetric=True, devices=devices, batch_size=batch_size)
+    config = GPTQConfig(bits=4, group_size=group_size, symmetric=True, devices=devices, batch_size=batch_size,
+                        kernel=kernel)  # fmt: skip
     with StageContext.standalone(model, cal, "cuda:0", input_dir=directory, dtype=dtype) as ctx:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -78,6 +80,11 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--noise-floor", action="store_true", help="also 1 device with batch_size 4, against 1 device")
+    ap.add_argument(
+        "--compare-kernel",
+        action="store_true",
+        help="also 1 device with the eager loop (kernel: torch), against 1 device with the fused kernel",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-gptq-multi"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -89,13 +96,16 @@ def main() -> None:
     if real:
         compute_baseline(load_model(directory, dtype).to(device), ev, 4, device, args.work / "fp")
     runs, first = [], None
-    plan = [(int(d), 8) for d in args.devices.split(",")]
+    plan = [(int(d), 8, "auto") for d in args.devices.split(",")]
     if args.noise_floor:  # one device again, batch_size 4: how far float summation order alone moves the result
-        plan.append((1, 4))
-    for n, batch_size in plan:
-        out, seconds = quantize(directory, dtype, cal, n, args.group_size, batch_size)
+        plan.append((1, 4, "auto"))
+    if args.compare_kernel:  # one device again, the eager column loop instead of the fused block kernel
+        plan.append((1, 8, "torch"))
+    for n, batch_size, kernel in plan:
+        out, seconds = quantize(directory, dtype, cal, n, args.group_size, batch_size, kernel)
         peak = round(out.summary["peak_accelerator_bytes"] / 2**30, 3)
-        row = {"devices": out.summary["devices"], "batch_size": batch_size, "gptq_seconds": round(seconds, 2),
+        row = {"devices": out.summary["devices"], "batch_size": batch_size, "kernel": kernel,
+               "gptq_seconds": round(seconds, 2),
                "pass_seconds_in_worker": out.summary["pass_seconds"], "peak_gib_per_gpu": peak,
                "experts_rtn_fallback": out.summary["experts_rtn_fallback"]}  # fmt: skip
         out.model.to(device)

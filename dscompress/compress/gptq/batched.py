@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dscompress.compress.gptq import fused
 from dscompress.compress.gptq.math import GPTQResult, inverse_hessian_factor, visiting_order
 from dscompress.quant.primitives import fake_quantize, max_code, minmax_qparams
 
@@ -29,6 +30,7 @@ def gptq_quantize_batched(
     damp_frac: float = 0.01,
     act_order: bool | str = True,
     block_size: int = 128,
+    kernel: str = "auto",
 ) -> list[GPTQResult]:
     """Quantize W (E, out, in) against H (E, in, in); one GPTQResult per matrix. H is consumed."""
     assert batchable(act_order, group_size), "batched GPTQ needs static groups"
@@ -52,7 +54,7 @@ def gptq_quantize_batched(
     del H
     g_idx = (torch.arange(in_f, device=W.device) // gs).to(torch.int32)
     back = torch.argsort(perm, dim=1)
-    Q, loss = _solve_static(W, Hinv, perm // gs, scale, zero, bits, block_size)
+    Q, loss = solve_static(W, Hinv, perm // gs, scale, zero, bits, block_size, kernel)
     Q = torch.gather(Q, 2, back[:, None, :].expand_as(Q))
     results = []
     for e in range(E):
@@ -86,15 +88,24 @@ def _inverse_factors(H: torch.Tensor, damp_frac: float) -> tuple[torch.Tensor, t
     return U, damp, ok
 
 
-def _solve_static(W, Hinv, col_group, scale, zero, bits: int, block_size: int):
+def solve_static(W, Hinv, col_group, scale, zero, bits: int, block_size: int, kernel: str = "auto"):
     """The lazy-batch column loop of math._solve for static grids, over a batch of matrices. W (E, out, in) and
-    Hinv (E, in, in) are in visiting order; col_group (E, in) is each visited column's group."""
-    maxq = max_code(bits)
-    E, out_f, in_f = W.shape
+    Hinv (E, in, in) are in visiting order; col_group (E, in) is each visited column's group; scale and zero
+    (E, out, G). kernel "auto" runs fused.py's one-launch-per-block kernel where it can (CUDA with Triton),
+    "torch" always the eager loop. Returns Q (E, out, in) in visiting order and the loss per matrix."""
     WT = W.transpose(1, 2).contiguous()  # (E, in, out): a column of W is a contiguous row
-    QT = torch.empty_like(WT)
-    loss = torch.zeros(E, dtype=torch.float64, device=W.device)
     scale_t, zero_t = scale.transpose(1, 2), zero.transpose(1, 2).float()  # (E, G, out)
+    if kernel == "auto" and fused.available(W.device):
+        QT, loss = fused.solve_static(WT, Hinv, col_group, scale_t, zero_t, bits, block_size)
+        return QT.transpose(1, 2), loss
+    return _solve_eager(WT, Hinv, col_group, scale_t, zero_t, bits, block_size)
+
+
+def _solve_eager(WT, Hinv, col_group, scale_t, zero_t, bits: int, block_size: int):
+    maxq = max_code(bits)
+    E, in_f, out_f = WT.shape
+    QT = torch.empty_like(WT)
+    loss = torch.zeros(E, dtype=torch.float64, device=WT.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1, Hinv1 = WT[:, i1:i2], Hinv[:, i1:i2, i1:i2]

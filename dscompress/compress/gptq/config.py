@@ -22,6 +22,11 @@ class GPTQConfig(WithExclude):
     )
     damp_frac: float = Field(0.01, gt=0, le=1, description="dampening, as a fraction of mean(diag H)")
     block_size: Literal[128, 256] = Field(128, description="columns per lazy batch update")
+    kernel: Literal["auto", "torch"] = Field(
+        "auto",
+        description="auto: on CUDA with Triton, static grids are solved by one fused kernel per 128-column block "
+        "(the eager loop launches ~6 kernels per column); torch: always the eager loop",
+    )
     true_sequential: bool = Field(True, description="re-collect inputs after each quantized group of a layer")
     batch_size: int = Field(8, ge=1, description="calibration windows per forward pass")
     moe_min_tokens: int = Field(16, ge=1, description="fewer routed tokens than this: the expert gets RTN")

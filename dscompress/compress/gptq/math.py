@@ -18,19 +18,29 @@ from dataclasses import dataclass
 
 import torch
 
+from dscompress.compress.gptq import fused
 from dscompress.quant.primitives import fake_quantize, max_code, minmax_qparams
 
 
 class HessianAccumulator:
-    """Running mean of 2 X X^T over rows of X, in float32 (float64 would double GPU memory for no gain here)."""
+    """Running mean of 2 X X^T over rows of X, in float32 (float64 would double GPU memory for no gain here).
 
-    def __init__(self, in_features: int, device: torch.device):
+    With `fast`, bfloat16/float16 activations on a CUDA device are multiplied on tensor cores with float32
+    accumulation and output (`out_dtype`): their products are exact in float32, so this is the float32 GEMM's
+    arithmetic up to summation order, at several times its speed (the Hessians of a 7B model's down_proj inputs
+    are 18944 x 18944). Otherwise the activations are upcast to float32 first.
+    """
+
+    def __init__(self, in_features: int, device: torch.device, fast: bool = False):
         self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
         self.n = 0
+        self.fast = fast
 
     def add(self, x: torch.Tensor) -> None:
         """x: (..., in) activations feeding the weight."""
-        x = x.reshape(-1, x.shape[-1]).float()  # (n, in)
+        x = x.reshape(-1, x.shape[-1])  # (n, in)
+        if not (self.fast and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+            x = x.float()
         m = x.shape[0]
         if m == 0:
             return
@@ -41,16 +51,26 @@ class HessianAccumulator:
 
 def symmetric_rank_update(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float, parts: int = 3) -> None:
     """H = beta * H + alpha * x^T x, computing only the blocks on and above the diagonal (BLAS syrk, which torch
-    does not expose): with 3 column blocks that is 6 of 9 products, about 30% less time for the widest inputs."""
+    does not expose): with 3 column blocks that is 6 of 9 products, about 30% less time for the widest inputs.
+    x is float32, or half precision on CUDA (multiplied into float32: see HessianAccumulator)."""
     d = H.shape[0]
     if d < 512:  # small: one product is faster than several
-        H.addmm_(x.t(), x, beta=beta, alpha=alpha)
+        _addmm(H, x, x, beta, alpha)
         return
     edges = [d * i // parts for i in range(parts + 1)]
     for a, b in zip(edges, edges[1:], strict=False):
-        H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=beta, alpha=alpha)
+        _addmm(H[a:b, a:], x[:, a:b], x[:, a:], beta, alpha)
     for a, b in zip(edges[1:], edges[2:], strict=False):
         H[a:b, :a] = H[:a, a:b].t()
+
+
+def _addmm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float) -> None:
+    """out = beta * out + alpha * a^T b, in float32 whatever a's and b's precision."""
+    if a.dtype == torch.float32:
+        out.addmm_(a.t(), b, beta=beta, alpha=alpha)
+    else:
+        product = torch.mm(a.t(), b, out_dtype=torch.float32)
+        out.mul_(beta).add_(product, alpha=alpha)
 
 
 @dataclass
@@ -122,13 +142,15 @@ def gptq_quantize(
     damp_frac: float = 0.01,
     act_order: bool | str = False,
     block_size: int = 128,
+    kernel: str = "auto",
 ) -> GPTQResult:
     """Quantize W (out, in) against Hessian H (in, in). Returns dequantized weights and their grid.
 
     H is consumed: dead columns and the permutation are applied to it in place (it is large: in x in).
 
     Without act-order, each group's scale/zero is taken from the (already error-compensated) weights when the
-    solver reaches the group's first column, as in the reference. With act-order, groups are static.
+    solver reaches the group's first column, as in the reference. With act-order, groups are static, and
+    kernel "auto" solves them with fused.py's one-launch-per-block kernel where it can run (CUDA with Triton).
     """
     act_order = "static" if act_order is True else act_order
     W = W.float().clone()
@@ -156,7 +178,12 @@ def gptq_quantize(
     Hinv, damp_used = factor
     if not static:
         assert block_size % gs == 0, f"block size {block_size} must be a multiple of group size {gs}"
-    Q, loss = _solve(W, Hinv, perm, scale, zero, bits, gs, sym, static, block_size)
+    if static and kernel == "auto" and fused.available(W.device):
+        QT, losses = fused.solve_static(W.t().contiguous()[None], Hinv[None], (perm // gs)[None], scale.t()[None],
+                                        zero.t()[None].float(), bits, block_size)  # fmt: skip
+        Q, loss = QT[0].t(), float(losses[0])
+    else:
+        Q, loss = _solve(W, Hinv, perm, scale, zero, bits, gs, sym, static, block_size)
     return GPTQResult(Q[:, torch.argsort(perm)], scale, zero, g_idx, damp_used, loss)
 
 

@@ -55,18 +55,18 @@ class _GroupHessians:
     """
 
     def __init__(self, group: list[WeightTarget], device, stop: bool = False, hooks: bool = True, keep=None,
-                 experts: range | None = None):  # fmt: skip
+                 experts: range | None = None, fast: bool = False):  # fmt: skip
         self.group, self.handles, self.stop, self.keep = group, [], stop, keep
         first = group[0]
         if not hooks:  # the caller feeds self.acc itself
-            self.acc = HessianAccumulator(first.in_features, device)
+            self.acc = HessianAccumulator(first.in_features, device, fast)
             return
         if first.kind == "linear":
-            self.acc = HessianAccumulator(first.in_features, device)
+            self.acc = HessianAccumulator(first.in_features, device, fast)
             self.handles.append(first.module.register_forward_pre_hook(self._linear_hook))
         else:
             self.experts = experts if experts is not None else range(first.param.shape[0])
-            self.accs = {e: HessianAccumulator(first.in_features, device) for e in self.experts}
+            self.accs = {e: HessianAccumulator(first.in_features, device, fast) for e in self.experts}
             self.handles.append(first.module.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
 
     def _experts_hook(self, module, args, kwargs):
@@ -105,10 +105,16 @@ class _Run:
     comm: SingleRank
     grids: dict = field(default_factory=dict)  # stacked group -> {expert: (scale, zero)} while it is solved
 
+    @property
+    def fast(self) -> bool:
+        """kernel auto: half-precision activations make their Hessians on tensor cores, static grids are solved
+        by the fused block kernel (each where the device supports it); torch: float32 GEMMs and the eager loop."""
+        return self.config.kernel == "auto"
+
     def solver_args(self) -> dict:
         c = self.config
         return dict(bits=c.bits, group_size=c.group_size, sym=c.symmetric, damp_frac=c.damp_frac,
-                    act_order=c.act_order, block_size=c.block_size)  # fmt: skip
+                    act_order=c.act_order, block_size=c.block_size, kernel=c.kernel)  # fmt: skip
 
 
 def _quantize_group(hess: _GroupHessians, run: _Run) -> None:
@@ -305,20 +311,20 @@ def _quantize_layer(layer, groups, batches, run: _Run) -> None:
     if run.config.true_sequential:
         for group in groups:
             for experts in _expert_chunks(group, device, run):
-                hess = _GroupHessians(group, device, stop=True, experts=experts)
+                hess = _GroupHessians(group, device, stop=True, experts=experts, fast=run.fast)
                 run_layer(layer, batches)
                 hess.remove()
                 _quantize_group(hess, run)
         return
     # Every Hessian from the float layer: dense groups are recorded on the first pass and quantized last; the
     # experts come one chunk (the same experts in every stacked group) per pass, quantized after their pass.
-    dense = [_GroupHessians(g, device) for g in groups if g[0].kind == "linear"]
+    dense = [_GroupHessians(g, device, fast=run.fast) for g in groups if g[0].kind == "linear"]
     stacked = [g for g in groups if g[0].kind != "linear"]
     chunk = min((expert_chunk(g[0], device, run.comm) for g in stacked), default=1)
     n_experts = max((g[0].param.shape[0] for g in stacked), default=1)
     for start in range(0, n_experts, chunk):
         experts = range(start, min(start + chunk, n_experts))
-        hessians = [_GroupHessians(g, device, experts=experts) for g in stacked]
+        hessians = [_GroupHessians(g, device, experts=experts, fast=run.fast) for g in stacked]
         run_layer(layer, batches)
         for hess in (*hessians, *(dense if start == 0 else ())):
             hess.remove()
@@ -366,12 +372,12 @@ def _quantize_dense_layer(layer, groups, batches, parts, run: _Run):
     o_group, mlp_group, down_group, post_norm, mlp = parts
     device = batches[0][0].device
     for group in groups[: groups.index(o_group)]:  # attention projections before o_proj: as usual
-        hess = _GroupHessians(group, device, stop=True)
+        hess = _GroupHessians(group, device, stop=True, fast=run.fast)
         run_layer(layer, batches)
         hess.remove()
         _quantize_group(hess, run)
     attn_out: list[torch.Tensor] = []
-    hess = _GroupHessians(o_group, device, stop=True, keep=attn_out)
+    hess = _GroupHessians(o_group, device, stop=True, keep=attn_out, fast=run.fast)
     run_layer(layer, batches)
     hess.remove()
     _quantize_group(hess, run)
@@ -379,11 +385,11 @@ def _quantize_dense_layer(layer, groups, batches, parts, run: _Run):
     residual = [hidden + o_proj(x) for (hidden, _), x in zip(batches, attn_out, strict=True)]
     del attn_out
     mlp_in = [post_norm(h) for h in residual]
-    hess = _GroupHessians(mlp_group, device, hooks=False)
+    hess = _GroupHessians(mlp_group, device, hooks=False, fast=run.fast)
     for x in mlp_in:
         hess.acc.add(x)
     _quantize_group(hess, run)
-    hess = _GroupHessians(down_group, device, hooks=False)
+    hess = _GroupHessians(down_group, device, hooks=False, fast=run.fast)
     # (B, T, intermediate) per batch is the largest activation: kept when small, else recomputed for the outputs
     tokens = sum(x[..., 0].numel() for x in mlp_in)
     keep = tokens * down_group[0].in_features * mlp_in[0].element_size() <= KEEP_BYTES
@@ -405,7 +411,7 @@ def _quantize_lm_head(model, adapter, batches, run: _Run) -> None:
     if not selected([head], run.config.exclude):
         return
     norm = model.get_submodule(adapter.final_norm_path).to(batches[0][0].device)
-    hess = _GroupHessians([head], batches[0][0].device, hooks=False)
+    hess = _GroupHessians([head], batches[0][0].device, hooks=False, fast=run.fast)
     for hidden, _ in batches:
         hess.acc.add(norm(hidden))
     norm.to("cpu")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from dscompress.compress.gptq import solve
 from dscompress.compress.gptq.apply import apply
 from dscompress.compress.gptq.config import GPTQConfig
 from dscompress.context import StageContext
+from dscompress.models.load import load_model
+from dscompress.models.sources import resolve
 
 SHAPES = {
     "smollm2-135m": lambda: LlamaConfig(
@@ -89,6 +92,70 @@ def random_model(shape: str, dtype: torch.dtype, fill_device: torch.device):
     return model.eval()
 
 
+def quantizable(name: str) -> bool:
+    """What DeepSeek-V3's FP8 checkpoint stores in float8: the decoder layers' projections (not norms, router)."""
+    return ".layers." in name and name.endswith(("proj.weight", "proj_with_mqa.weight"))
+
+
+def original_layout(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names and shapes of the released checkpoints: transformers 5 fuses the
+    experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)); the files hold experts.<e>.{gate,up,down}_proj."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("experts.gate_up_proj"):
+            prefix, half = name.removesuffix("gate_up_proj"), t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = t[e, :half], t[e, half:]
+        elif name.endswith("experts.down_proj"):
+            for e in range(t.shape[0]):
+                out[f"{name.removesuffix('down_proj')}{e}.down_proj.weight"] = t[e]
+        else:
+            out[name] = t
+    return out
+
+
+def fp8_blocks(w: torch.Tensor, device: torch.device, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's layout: float8_e4m3fn weight and float32 scale_inv per 128 x 128 block (amax / 448)."""
+    w = w.to(device).float()
+    rows, cols = w.shape
+    r, c = -(-rows // block), -(-cols // block)
+    padded = torch.nn.functional.pad(w, (0, c * block - cols, 0, r * block - rows))
+    scale = padded.view(r, block, c, block).abs().amax((1, 3)).clamp(min=1e-12) / 448.0
+    full = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return (w / full).to(torch.float8_e4m3fn).cpu(), scale.cpu()
+
+
+def write_fp8_checkpoint(model, directory: Path, device: torch.device) -> None:
+    """`model` written as an FP8 block-scaled checkpoint (quant_method fp8, e4m3, [128, 128]), one shard per
+    decoder layer plus one for the rest, with its index: what DeepSeek-V3/R1 ship."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tied = model.config.get_text_config().tie_word_embeddings
+    shards: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in original_layout(model).items():
+        if tied and name == "lm_head.weight":
+            continue
+        layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "rest"
+        shards.setdefault(f"model-{layer}.safetensors", []).append((name, t))
+    weight_map = {}
+    for shard, views in shards.items():  # one shard in memory at a time (the views share the model's storage)
+        part = {}
+        for name, t in views:
+            if quantizable(name):
+                part[name], part[name + "_scale_inv"] = fp8_blocks(t, device)
+            else:
+                part[name] = t.clone()
+        save_file(part, str(directory / shard), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, shard)
+        del part
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
@@ -101,6 +168,9 @@ def main() -> None:
     ap.add_argument("--expert-memory-share", type=float, default=None,
                     help="share of free accelerator memory for expert Hessians and batched solves")  # fmt: skip
     ap.add_argument("--kernel", choices=["auto", "torch"], default="auto", help="the gptq pass's `kernel` option")
+    ap.add_argument("--fp8-dir", type=Path, default=None,
+                    help="write the random model there as an FP8 block-scaled checkpoint, then quantize what "
+                         "dscompress reads from it (conversion to bf16 timed separately)")  # fmt: skip
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -109,6 +179,19 @@ def main() -> None:
     t0 = time.perf_counter()
     model = random_model(args.shape, torch.bfloat16, device)
     build_s = time.perf_counter() - t0
+    fp8 = {}
+    if args.fp8_dir:
+        write_fp8_checkpoint(model, args.fp8_dir, device)
+        del model
+        t1 = time.perf_counter()
+        directory = resolve(str(args.fp8_dir)).directory  # FP8 -> bf16, shard by shard, into the cache
+        t2 = time.perf_counter()
+        model = load_model(directory, "bfloat16")
+        fp8 = {"fp8_write_s": round(t1 - t0 - build_s, 1), "fp8_to_bf16_s": round(t2 - t1, 1),
+               "load_s": round(time.perf_counter() - t2, 1),
+               "fp8_bytes": sum(f.stat().st_size for f in args.fp8_dir.glob("*.safetensors")),
+               "process_peak_rss_gib_before_pass": round(
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # fmt: skip
     if cuda and args.cap_gib:
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(0).total_memory
@@ -131,7 +214,7 @@ def main() -> None:
         "peak_accelerator_gib": round(out.summary["peak_accelerator_bytes"] / 2**30, 3),
         "peak_cpu_rss_gib": round(out.summary["peak_rss_bytes"] / 2**30, 3),
         "expert_memory_share": solve.EXPERT_MEMORY_SHARE, "kernel": args.kernel,
-        "model_build_seconds": round(build_s, 1), "torch": torch.__version__,
+        "model_build_seconds": round(build_s, 1), "torch": torch.__version__, **fp8,
     }  # fmt: skip
     print(json.dumps(result))
     if args.out:

@@ -3,12 +3,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from dscompress.atomic import atomic_symlink, read_json, sha256_json, tree_hashes
+from dscompress.atomic import (
+    TMP_PREFIX,
+    atomic_dir,
+    atomic_symlink,
+    atomic_write_json,
+    is_our_temporary,
+    read_json,
+    remove_stale_temporaries,
+    sha256_json,
+    tree_hashes,
+)
 from dscompress.errors import OutputPathError, RunLocked
 from dscompress.quant.qstate import QUANT_JSON, QUANT_TENSORS
 from dscompress.version import __version__
@@ -62,13 +74,67 @@ class RunLock:
         self.fh.close()
 
 
-def prepare_output(out: Path) -> None:
+OWNER_FILE = ".dscompress-owner"  # {"kind": "run" | "export" | "bundle"}: this directory is ours to rewrite
+# Directories written before the owner file existed, recognised by what only dscompress puts there.
+_LEGACY_MARKS = {"run": (".lock",), "export": ("export.json", "quantize_config.json"), "bundle": ("verify.sh",)}
+_NAME_MAX = 255
+
+
+def check_output(out: Path, kind: str) -> None:
+    """Refuse, before any work, an output path dscompress may not write: a file, a name too long for the file
+    system, or an existing directory holding files that dscompress did not write (a new or empty directory, or
+    one carrying our owner file, is fine). Nothing is created here."""
+    fix = "Fix: choose a new or empty directory (or --out)"
+    if any(len(part.encode()) > _NAME_MAX for part in out.parts):
+        raise OutputPathError(f"{kind} output {str(out)[:60]}...: a path component is over {_NAME_MAX} bytes. {fix}")
     if out.exists() and not out.is_dir():
-        raise OutputPathError(f"output_dir: {out} is a file. Fix: choose a directory path (or --out)")
+        raise OutputPathError(f"{kind} output {out}: is a file, which dscompress never replaces. {fix}")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir() if not is_our_temporary(p.name))
+    owner = read_json(out / OWNER_FILE)
+    if owner is not None:
+        if owner.get("kind") != kind:
+            raise OutputPathError(f"{kind} output {out}: holds a dscompress {owner.get('kind')}, not a {kind}. {fix}")
+        return
+    if entries and not any(mark in entries for mark in _LEGACY_MARKS[kind]):
+        shown = ", ".join(entries[:3]) + (f" (+{len(entries) - 3} more)" if len(entries) > 3 else "")
+        raise OutputPathError(
+            f"{kind} output {out}: already holds files dscompress did not write ({shown}); it writes only into a "
+            f"new or empty directory, or one it created, and never deletes others' files. {fix}"
+        )
+
+
+def mark_owned(directory: Path, kind: str) -> None:
+    atomic_write_json(directory / OWNER_FILE, {"kind": kind, "dscompress": __version__})
+
+
+def claim_output(out: Path, kind: str) -> None:
+    """A run's output directory: checked (`check_output`), created, and marked as ours."""
+    check_output(out, kind)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if not (out / OWNER_FILE).exists():
+            mark_owned(out, kind)
     except OSError as exc:
-        raise OutputPathError(f"output_dir: {out}: cannot create it ({exc.strerror})") from exc
+        raise OutputPathError(f"{kind} output {out}: cannot write there ({exc.strerror})") from exc
+
+
+@contextlib.contextmanager
+def owned_dir(out: Path, kind: str) -> Iterator[Path]:
+    """An export or bundle directory, written whole or not at all: checked first, built under a temporary name
+    beside it, marked as ours and renamed into place on success (replacing only an earlier output of ours).
+    Leftovers of killed writers of the same target are removed first."""
+    check_output(out, kind)
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"{kind} output {out}: cannot create {parent} ({exc.strerror})") from exc
+    remove_stale_temporaries(parent, out.name)
+    with atomic_dir(out) as tmp:
+        yield tmp
+        mark_owned(tmp, kind)
 
 
 def point_latest(out: Path, target: str) -> None:
@@ -98,13 +164,21 @@ def reusable(directory: Path, key: str) -> dict | None:
 
 def resume_dir(out: Path, stage_dir: str, key: str) -> Path:
     """out/.resume/<stage>-<key>: partial work a pass may checkpoint; other keys' leftovers are deleted."""
-    root = out / ".resume"
-    current = root / f"{stage_dir}-{key[:16]}"
-    for stale in root.glob(f"{stage_dir}-*"):
-        if stale != current:
-            shutil.rmtree(stale, ignore_errors=True)
+    current = out / ".resume" / f"{stage_dir}-{key[:16]}"
+    discard_resume(out, stage_dir, keep=current)
     current.mkdir(parents=True, exist_ok=True)
     return current
+
+
+def discard_resume(out: Path, stage_dir: str, keep: Path | None = None) -> None:
+    """Delete a stage's partial work, each folder first renamed to a `.tmp-` name in `out` (one atomic step), so
+    a kill during the deletion leaves a temporary that the next run removes, never a half-deleted `.resume/`
+    folder that looks like resumable work."""
+    for stale in (out / ".resume").glob(f"{stage_dir}-*"):
+        if stale != keep:
+            doomed = out / f"{TMP_PREFIX}resume-{stale.name}.{os.getpid()}"
+            os.replace(stale, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def versions() -> dict:

@@ -89,11 +89,37 @@ def atomic_symlink(link: Path, target: str) -> None:
     os.replace(tmp, link)
 
 
-def remove_stale_temporaries(parent: Path) -> list[Path]:
-    """Delete leftovers of killed writers in `parent`; returns what was removed."""
+def is_our_temporary(name: str) -> bool:
+    """`.tmp-<name>.<pid>`: the only names our temporaries take."""
+    head, _, pid = name.rpartition(".")
+    return name.startswith(TMP_PREFIX) and len(head) > len(TMP_PREFIX) and pid.isdigit()
+
+
+def ours_and_stale(p: Path) -> bool:
+    """Whether `p` is a temporary of ours (`.tmp-<name>.<pid>`) whose writer is no longer running."""
+    if not is_our_temporary(p.name):
+        return False
+    pid = int(p.name.rpartition(".")[2])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False  # a live process of that pid may still be writing it
+
+
+def remove_stale_temporaries(parent: Path, name: str = "") -> list[Path]:
+    """Delete leftovers of killed writers in `parent` (only names we write: `.tmp-<name>.<pid>` of a process that
+    is gone; a user's own `.tmp-notes.txt` is left alone); with `name`, only those of that target.
+    Returns what was removed."""
     removed = []
-    for p in parent.glob(f"{TMP_PREFIX}*"):
-        if p.is_dir():
+    for p in parent.glob(f"{TMP_PREFIX}*{name}*" if name else f"{TMP_PREFIX}*"):
+        if not ours_and_stale(p):
+            continue
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
@@ -123,12 +149,42 @@ def tree_hashes(directory: Path, exclude: frozenset[str] = frozenset()) -> dict[
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link when possible (same filesystem: no extra disk), else copy."""
+    """Hard-link when possible (same filesystem: no extra disk), else copy. Only for files dscompress wrote itself
+    (one stage's side files into the next); a source the user handed us goes through `clone_source`."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+FICLONE = 0x40049409  # ioctl: share the blocks copy-on-write (btrfs, XFS, bcachefs); a write never reaches src
+
+
+def clone_source(src: Path, dst: Path) -> str:
+    """Put a source file at `dst` so that writing `dst` can never change `src`: a reflink where the file system
+    has them; a hard link where permissions really stop writes (src read-only for everyone, as the model cache's
+    sealed files are, and we are not root, whom permissions do not stop); else a copy.
+    Returns "reflink", "link" or "copy"."""
+    import fcntl
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+            return "reflink"
+        except OSError:
+            pass
+    dst.unlink()
+    if os.geteuid() != 0 and not src.stat().st_mode & 0o222:
+        try:
+            os.link(src, dst)
+            return "link"
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+    dst.chmod(0o644)
+    return "copy"
 
 
 def read_json(path: Path) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import typer
 from rich.console import Console
 
-from dscompress.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, DscompressError
+from dscompress.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, DscompressError
 from dscompress.version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -52,16 +53,39 @@ def handled(debug: bool, every_problem: bool = False):
     except KeyboardInterrupt:
         err.print("interrupted; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Exception as exc:
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise_internal(exc, debug)
         if debug:
             err.print_exception()
-        else:
-            first = (str(exc).splitlines() or [""])[0]
-            err.print(
-                f"[red]internal error:[/red] {type(exc).__name__}: {first} (rerun with --debug)",
-                soft_wrap=True,
-            )
-        raise typer.Exit(EXIT_INTERNAL) from None
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.print(f"[red]error:[/red] {where}{exc.strerror}. Fix: {ENVIRONMENT_ERRNOS[exc.errno]}",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except Exception as exc:
+        raise_internal(exc, debug)
+
+
+# OS failures that are the machine's state, not a bug: one line and exit 2, nothing half-written (every write is
+# a temporary renamed on success), and the fix.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free disk space (or point --out / DSCOMPRESS_CACHE elsewhere), then rerun to resume",
+    errno.EDQUOT: "free space within your disk quota, then rerun to resume",
+    errno.EACCES: "choose a location you may write to (or fix its permissions)",
+    errno.EPERM: "choose a location you may write to (or fix its permissions)",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def raise_internal(exc: Exception, debug: bool):
+    """Anything unexpected is a bug: one line and exit 1, the traceback with --debug."""
+    if debug:
+        err.print_exception()
+    else:
+        first = (str(exc).splitlines() or [""])[0]
+        err.print(f"[red]internal error:[/red] {type(exc).__name__}: {first} (rerun with --debug)", soft_wrap=True)
+    raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def _version(value: bool) -> None:
@@ -99,15 +123,20 @@ def _load(recipe_path: Path, with_model: bool = True):
 def run(
     recipe: RecipeArg,
     out_dir: Annotated[Path | None, typer.Option("--out", help="override the recipe's output_dir")] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="no progress, step lines or result table: errors and the result only")
+    ] = False,
     debug: Debug = False,
 ) -> None:
-    """Run every stage of a recipe; rerunning resumes and reuses finished stages."""
+    """Run every stage of a recipe; rerunning resumes and reuses finished stages. Without a terminal (CI logs)
+    progress is printed as timestamped lines: one per layer or stage step, at least every 30 s, with an ETA."""
     from dscompress.runner import Runner
 
     with handled(debug):
         _quiet_libraries()
         parsed, located, _ = _load(recipe, with_model=False)  # the runner checks against the model itself
-        report = Runner(parsed, recipe, out_dir, console=err, located=located).run()
+        console = Console(stderr=True, quiet=True) if quiet else err
+        report = Runner(parsed, recipe, out_dir, console=console, located=located).run()
         out.print(f"final artifact: {report['final_artifact']}")
 
 
@@ -182,17 +211,20 @@ def export_(
     debug: Debug = False,
 ) -> None:
     """Export a stage from its stored grid (never re-quantized): ONNX with KV cache, or a packed checkpoint."""
+    from dscompress.artifact import check_output, owned_dir
     from dscompress.errors import DscompressError
     from dscompress.export.formats import FORMATS, export
     from dscompress.export.onnx_quant import TARGETS
     from dscompress.models.load import DTYPES
 
     with handled(debug):
+        check_output(out_dir, "export")  # before any work: never into a folder of someone else's files
         _quiet_libraries()
         if fmt in TARGETS:
             from dscompress.export.stage_export import export_stage
 
-            meta = export_stage(stage, fmt, out_dir, fp16)
+            with owned_dir(out_dir, "export") as tmp:
+                meta = export_stage(stage, fmt, tmp, fp16)
             out.print(f"wrote {out_dir / 'model.onnx'} ({meta['quantization'] or 'float'})")
             return
         if fmt not in FORMATS or dtype not in DTYPES:
@@ -261,6 +293,7 @@ def bundle(
     """A deploy bundle: the ONNX model, tokenizer, build_engine.sh, run.py, verify.sh and manifest."""
     from pydantic import ValidationError
 
+    from dscompress.artifact import check_output
     from dscompress.calibrate.data import Corpus
     from dscompress.calibrate.spec import DataSpec, SplitSpec
     from dscompress.errors import RecipeError
@@ -269,6 +302,7 @@ def bundle(
     from dscompress.recipe import TargetSpec
 
     with handled(debug):
+        check_output(out_dir, "bundle")  # before any work: never into a folder of someone else's files
         _quiet_libraries()
         try:
             spec = TargetSpec(device=target, jetpack=jetpack, max_context=max_context, max_batch=max_batch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,14 @@ from typing import TypeVar
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from dscompress.calibrate.metrics import BaselineRef, evaluate
 from dscompress.gates import Gate, check_gate
@@ -20,37 +28,63 @@ from dscompress.quant.qstate import QuantState
 T = TypeVar("T")
 
 
+HEARTBEAT_S = 30.0  # without a terminal (CI logs), a progress line at least this often on long steps
+EVERY_ITEM_UP_TO = 200  # ... and one per item for loops this short (layers, stages)
+
+
 def make_progress(console: Console) -> Progress:
+    """Bars with count, elapsed time, rate and ETA on a terminal. Without one (a CI log, a pipe) rich draws
+    nothing, so `tracked` and `spinner` print timestamped lines instead."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("[dim]ETA[/dim]"),
+        TimeRemainingColumn(),
         console=console,
         transient=True,
     )
 
 
+def _log(progress: Progress, text: str) -> None:
+    """A timestamped plain line, for a console that is not a terminal (rich's live display is off there)."""
+    if not progress.console.is_terminal:
+        progress.console.print(f"{time.strftime('%H:%M:%S')} {text}", highlight=False, markup=False, soft_wrap=True)
+
+
 def tracked(progress: Progress, items: Iterable[T], description: str) -> Iterator[T]:
-    """Iterate `items` under a progress bar that disappears when done."""
+    """Iterate `items` under a progress bar that disappears when done; without a terminal, a line per item for
+    short loops (layers) and at least every HEARTBEAT_S seconds for long ones, each with an ETA."""
     items = list(items)
-    task = progress.add_task(description, total=len(items))
+    n = len(items)
+    task = progress.add_task(description, total=n)
+    start = last = time.monotonic()
     try:
-        for item in items:
+        for i, item in enumerate(items, 1):
             yield item
             progress.advance(task)
+            now = time.monotonic()
+            if n <= EVERY_ITEM_UP_TO or now - last >= HEARTBEAT_S or i == n:
+                eta = (now - start) / i * (n - i)
+                _log(progress, f"{description}: {i}/{n} ({now - start:.0f} s, ETA {eta:.0f} s)")
+                last = now
     finally:
         progress.remove_task(task)
 
 
 @contextlib.contextmanager
 def spinner(progress: Progress, description: str) -> Iterator[None]:
-    """An indeterminate task in the same live display (rich allows one live display at a time)."""
+    """An indeterminate task in the same live display (rich allows one live display at a time); without a
+    terminal, a line when it starts and one when it ends."""
     task = progress.add_task(description, total=None)
+    start = time.monotonic()
+    _log(progress, f"{description} ...")
     try:
         yield
     finally:
         progress.remove_task(task)
+    _log(progress, f"{description}: done in {time.monotonic() - start:.1f} s")
 
 
 @dataclass

@@ -7,7 +7,8 @@ with the class's code. Anything else is a bug: exit code 1, with the traceback u
 |------|--------------------------------------------------------------------------|
 | 0    | success: every stage passed (or was skipped by `on_fail: skip`)          |
 | 1    | internal error (a bug): rerun with `--debug` and report the traceback    |
-| 2    | bad input: recipe, model, data, paths, options                           |
+| 2    | bad input: recipe, model, data, paths, options; or the machine's state:  |
+|      | no space left, no permission, read-only file system (cli.ENVIRONMENT_ERRNOS) |
 | 3    | a gate failed with `on_fail: stop`; `out/latest` is the last passing one  |
 | 4    | the output directory is locked by another running `dscompress run`       |
 | 130  | interrupted (Ctrl-C); rerun the same command to resume                   |

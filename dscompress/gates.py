@@ -3,6 +3,7 @@ and the margin rule passes use while they search for a setting that will hold (i
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -79,11 +80,20 @@ def check_gate(gate: Gate, metrics: dict, baseline: dict, previous: dict) -> lis
             "top1", metrics["top1"], gate.top1.min, ">=", metrics["top1"] >= gate.top1.min,
             f"top-1 agreement {metrics['top1']:.4f} (min {gate.top1.min:g})",
         ))  # fmt: skip
-    return verdicts
+    return [_refuse_non_finite(v) for v in verdicts]
+
+
+def _refuse_non_finite(v: Verdict) -> Verdict:
+    """A NaN or infinite metric never passes (NaN compares false both ways, so say it plainly)."""
+    if math.isfinite(v.value):
+        return v
+    return Verdict(v.metric, v.value, v.threshold, v.op, False, f"{v.detail}: not a finite number, which never passes")
 
 
 def within_margin(estimate: dict, gate: Gate, margin: float) -> bool:
-    """Whether an estimate meets `margin` of the gate's slack on every gated metric."""
+    """Whether an estimate meets `margin` of the gate's slack on every gated metric (never when one is NaN/Inf)."""
+    if not all(math.isfinite(estimate[k]) for k in ("kl", "perplexity_increase_pct", "top1") if k in estimate):
+        return False
     if gate.kl and estimate["kl"] > margin * gate.kl.max:
         return False
     if gate.perplexity and estimate["perplexity_increase_pct"] > margin * gate.perplexity.max_increase_pct:

@@ -127,9 +127,10 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
         "peak_memory_bytes": max(
             2 * source_bytes + logits_bytes + RUNTIME_BYTES, *(s.get("train_memory_bytes", 0) for s in stages)
         ),
-        "disk_bytes": int(ref_bytes + sum(s["checkpoint_bytes"] for s in stages)),
+        "disk_bytes": int(source_bytes + ref_bytes + sum(s["checkpoint_bytes"] for s in stages)),
         "baseline_logprobs_bytes": ref_bytes,
-        "assumptions": "baseline files are hard links into the model cache (no extra disk on one filesystem); "
+        "assumptions": "0-baseline holds a copy of the source that a write cannot follow back (counted in disk_bytes; "
+        "no extra disk where the file system reflinks, or for non-root users hard-linking the read-only cache); "
         "peak memory = two model copies (load + save) + two batches of logits (stage and baseline) "
         "+ about 1 GB for torch and transformers themselves",
     }

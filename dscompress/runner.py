@@ -1,7 +1,8 @@
 """The pipeline: baseline, then each stage reads the last passing artifact, writes its own, and is gated.
 
     out/
-      0-baseline/      the source checkpoint (hard links) + baseline_logprobs.safetensors + manifest.json
+      0-baseline/      the source checkpoint (reflinks, links to read-only files, or copies: never written through)
+                       + baseline_logprobs.safetensors + manifest.json
       1-rtn/           stock-loadable checkpoint + quantization.{json,safetensors} + manifest.json
       latest -> 1-rtn  the last passing artifact
       report.json, report.md, junit.xml, .lock
@@ -14,7 +15,6 @@ stopped and ends with byte-identical artifacts.
 from __future__ import annotations
 
 import gc
-import shutil
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,9 +29,10 @@ from dscompress.artifact import (
     OWN_FILES,
     RunLock,
     artifact_hash,
+    claim_output,
     dir_size,
+    discard_resume,
     point_latest,
-    prepare_output,
     resume_dir,
     reusable,
     versions,
@@ -39,6 +40,7 @@ from dscompress.artifact import (
 from dscompress.atomic import (
     atomic_dir,
     atomic_write_json,
+    clone_source,
     link_or_copy,
     read_json,
     remove_stale_temporaries,
@@ -108,7 +110,7 @@ class Runner:
     # ---- the run ---------------------------------------------------------------------------------
     def run(self) -> dict:
         source = self._prepare()  # every bad-input check, before anything is written
-        prepare_output(self.out)
+        claim_output(self.out, "run")
         with RunLock(self.out):
             remove_stale_temporaries(self.out)
             report = self._base_report()
@@ -121,7 +123,8 @@ class Runner:
             finally:
                 report["stages"] = [r.as_dict() for r in self.records]
                 write_reports(self.out, report)
-                print_table(self.console, report)
+                if any(r.metrics for r in self.records):  # a failure before any result is its one error line
+                    print_table(self.console, report)
         return report
 
     def _prepare(self) -> Path:
@@ -188,22 +191,25 @@ class Runner:
         final = self.out / "0-baseline"
         input_hash = sha256_json(tree_hashes(source))
         key = self._key({"pass": "baseline", "model": self.recipe.model.model_dump(mode="json")}, input_hash)
-        record = StageRecord(0, final.name, "baseline", status="passed")
+        record = StageRecord(0, final.name, "baseline")
         self.records.append(record)
         if manifest := reusable(final, key):
+            record.status = "passed"
             return self._restore(record, manifest, final)
         started = time.perf_counter()
         with atomic_dir(final) as tmp, make_progress(self.console) as progress:
-            for f in sorted(source.iterdir()):
-                if f.is_file():
-                    link_or_copy(f, tmp / f.name)
+            for f in sorted(source.iterdir()):  # never a link that a write to the stage could follow back
+                if f.is_file() and not f.name.startswith("."):
+                    clone_source(f, tmp / f.name)
             with spinner(progress, "loading the baseline"):
-                model = load_model(tmp, self.recipe.model.dtype, self.recipe.model.trust_remote_code).to(self.device)
+                model = load_model(source, self.recipe.model.dtype, self.recipe.model.trust_remote_code)
+                model = model.to(self.device)
             track = partial(tracked, progress)
             record.metrics = compute_baseline(
                 model, self.corpus.windows("eval"), self.recipe.data.batch_size, self.device, tmp, track
             )
             record.timings = {"total_s": time.perf_counter() - started}
+            record.status = "passed"
             self._write_manifest(tmp, record, key, input_hash, {"source": str(source)})
         del model
         gc.collect()
@@ -222,6 +228,7 @@ class Runner:
         self.records.append(record)
         if manifest := reusable(final, key):
             self._restore(record, manifest, final)
+            discard_resume(self.out, final.name)
             return record
         self.console.print(f"[bold]stage {final.name}[/bold]: {spec.summary}")
         resume = resume_dir(self.out, final.name, key)
@@ -267,7 +274,7 @@ class Runner:
                 input_hash,
                 {"input": str(input_dir), "config": stage.pass_config.model_dump(mode="json")},
             )
-        shutil.rmtree(resume, ignore_errors=True)
+        discard_resume(self.out, final.name)
         del model, result
         gc.collect()
         record.size_bytes = dir_size(final)

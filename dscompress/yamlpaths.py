@@ -55,16 +55,68 @@ class LocatedYaml:
         return self.source
 
 
-def load_located(path: Path) -> LocatedYaml:
-    """Read a YAML file; a missing file or a YAML syntax error becomes a one-line RecipeError."""
+# Bounds on what a recipe may be, so that a hostile one (a "billion laughs" of nested aliases, a huge or deeply
+# nested document) fails at once: real recipes are a few KB, a few hundred values and under 10 levels deep.
+MAX_BYTES = 1 << 20
+MAX_VALUES = 100_000  # after aliases are expanded
+MAX_DEPTH = 64
+
+
+def _read_text(path: Path) -> str:
     if not path.exists():
         raise RecipeError(f"{path}: recipe file not found. Fix: check the path (see recipes/ for examples)")
     if path.is_dir():
         raise RecipeError(f"{path}: is a directory, not a recipe file. Fix: pass the .yaml file inside it")
-    text = path.read_text(encoding="utf-8")
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise RecipeError(f"{path}: {size} bytes; a recipe is at most {MAX_BYTES} bytes. Fix: check the file")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}). Fix: check its permissions") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); a recipe is a UTF-8 "
+            "YAML file. Fix: save it as UTF-8"
+        ) from None
+    if "\x00" in text:
+        raise RecipeError(f"{path}: contains NUL bytes, so it is not a text file. Fix: pass the YAML recipe")
+    return text
+
+
+def _expanded_size(node: yaml.Node, path: Path, memo: dict[int, int], depth: int = 0) -> int:
+    """How many values `node` stands for once aliases are expanded, computed without expanding them."""
+    if depth > MAX_DEPTH:
+        raise RecipeError(f"{path}: nested over {MAX_DEPTH} levels deep. Fix: a recipe is a few levels of keys")
+    if id(node) in memo:
+        return memo[id(node)]
+    children = []
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    memo[id(node)] = 1 + sum(_expanded_size(c, path, memo, depth + 1) for c in children)
+    if memo[id(node)] > MAX_VALUES:
+        raise RecipeError(
+            f"{path}:{node.start_mark.line + 1}: expands to over {MAX_VALUES} values (nested YAML aliases?). Fix: "
+            "write the recipe out without anchors and aliases that multiply"
+        )
+    return memo[id(node)]
+
+
+def load_located(path: Path) -> LocatedYaml:
+    """Read a YAML file; a missing, unreadable, non-text, oversized or malformed file becomes a one-line
+    RecipeError, before anything is expanded."""
+    text = _read_text(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _expanded_size(node, path, {})
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to read. Fix: a recipe is a few levels of keys") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from dscompress.artifact import BASELINE_FILE
+from dscompress.errors import DataError
 
 
 class StreamingSafetensors:
@@ -50,6 +51,12 @@ class StreamingSafetensors:
         written = self.fh.tell()
         self.fh.close()
         assert written == self.expected, f"wrote {written} bytes, layout needs {self.expected}"
+
+    def abort(self) -> None:
+        """Close and delete a file left incomplete by an exception (Ctrl-C, a full disk), so that the exception
+        itself, not a size check, is what the user sees."""
+        self.fh.close()
+        Path(self.fh.name).unlink(missing_ok=True)
 
 
 class BaselineRef:
@@ -110,9 +117,16 @@ def compute_baseline(model, windows, batch_size: int, device, directory: Path, t
             top1.append(argmax.to(torch.int32))
             nll += _nll_sum(logp, windows[rows, 1:])
         writer.write(torch.cat(top1))
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
     count = n * (t - 1)
+    if not math.isfinite(nll):
+        raise DataError(
+            f"the unquantized model's perplexity on the evaluation split is {nll / count} (not finite): its "
+            "weights or activations overflow. Fix: check the checkpoint for NaN/Inf weights, or evaluate in float32"
+        )
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "kl": 0.0, "top1": 1.0, "tokens": count}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dscompress.atomic import atomic_dir
+from dscompress.artifact import owned_dir
 from dscompress.errors import RecipeError
 from dscompress.export import bundle_runner
 from dscompress.export.preflight import precision_problems
@@ -39,7 +39,7 @@ def make_bundle(stage: Path, target, out: Path, windows: torch.Tensor, tar: bool
     jetpack = JETPACKS.get(target.jetpack) if target.jetpack else None
     if windows.shape[1] < VERIFY_LEN or len(windows) < VERIFY_WINDOWS:
         raise RecipeError(f"the verification set needs {VERIFY_WINDOWS} windows of {VERIFY_LEN} tokens")
-    with atomic_dir(out) as tmp:
+    with owned_dir(out, "bundle") as tmp:
         meta = export_stage(stage, "onnx", tmp, opset=target.opset)
         rows = windows[:VERIFY_WINDOWS, :VERIFY_LEN].numpy().astype(np.int64)
         np.save(tmp / "verify_windows.npy", rows)

@@ -25,8 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dscompress.artifact import copy_side_files
-from dscompress.atomic import atomic_dir
+from dscompress.artifact import copy_side_files, owned_dir
 from dscompress.errors import ModelSourceError
 from dscompress.models.load import load_model
 from dscompress.quant.packing import compressed_tensors_tensors, gptq_tensors
@@ -79,7 +78,7 @@ def export(stage_dir: Path, out_dir: Path, fmt: str, dtype: torch.dtype = torch.
         raise ModelSourceError(f"{stage_dir}: not a quantized stage (no quantization.json); nothing to pack")
     model = load_model(stage_dir).to(dtype)
     packed = {name: (codes, scale, zero) for name, codes, scale, zero in unfused(model, state)}
-    with atomic_dir(out_dir) as tmp:
+    with owned_dir(out_dir, "export") as tmp:
         model.save_pretrained(tmp)  # float layout with the checkpoint's own tensor names, shard by shard
         for shard in sorted(tmp.glob("*.safetensors")):
             _rewrite_shard(shard, packed, state, fmt, dtype)

@@ -37,12 +37,11 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
         raise ExportError(f"unknown ONNX target {target!r}; allowed: {', '.join(TARGETS)}")
     if fp16 and target != "onnx-ort":
         raise ExportError("fp16 is an onnx-ort option; the onnx target keeps float32 around its Q/DQ nodes")
-    model = load_model(stage).eval()
     quant = QuantState.load(stage)
+    check_exportable(quant, target, opset)  # from quantization.json alone, before minutes of exporting
+    model = load_model(stage).eval()
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILE
-    if quant is not None and quant.bits == 4 and target == "onnx" and opset < OPSET_INT4:
-        raise ExportError(f"INT4 DequantizeLinear with block_size needs opset {OPSET_INT4}, not {opset}")
     meta = export_float(model, path, opset)
     proto = onnx.load(str(path))
     counts = quantize_graph(proto, model, quant, target) if quant is not None else {}
@@ -82,6 +81,22 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
         if (stage / name).exists():
             shutil.copy2(stage / name, out / name)
     return meta
+
+
+def check_exportable(quant: QuantState | None, target: str, opset: int = OPSET) -> None:
+    """Every refusal that the stage's quantization.json decides, raised before the model is even loaded."""
+    if quant is None:
+        return
+    if quant.bits not in (4, 8):
+        raise ExportError(f"{quant.bits}-bit weights have no ONNX integer type here; export 4- or 8-bit stages")
+    if quant.bits == 4 and target == "onnx":
+        if not quant.symmetric:
+            raise ExportError(
+                "asymmetric INT4 has nonzero zero points, which TensorRT's DequantizeLinear rejects. Fix: use "
+                "--format onnx-ort, or quantize with symmetric: true"
+            )
+        if opset < OPSET_INT4:
+            raise ExportError(f"INT4 DequantizeLinear with block_size needs opset {OPSET_INT4}, not {opset}")
 
 
 # The dynamo exporter records each node's Python stack trace, with absolute paths of the machine that exported it:

@@ -113,6 +113,58 @@ def _no_plain_progress_bar():
         gguf_utils.tqdm = original
 
 
+SEAL = ".dscompress-cache.json"  # {file: [size, mtime_ns, sha256]} of a finished cache entry
+
+
+def seal(entry: Path) -> None:
+    """Record a finished cache entry's files and make them read-only. Stage folders hard-link these files, so the
+    permissions stop other users' writes; the seal catches the rest (`intact`)."""
+    record = {}
+    for f in sorted(entry.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            f.chmod(0o444)
+            st = f.stat()
+            record[f.name] = [st.st_size, st.st_mtime_ns, sha256_file(f)]
+    (entry / SEAL).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def intact(entry: Path, on_step=None) -> bool:
+    """Whether a cache entry still holds what was sealed: a file whose size or modification time changed is
+    hashed again; a missing seal is written now (entries made before seals existed)."""
+    try:
+        record = json.loads((entry / SEAL).read_text())
+    except FileNotFoundError:
+        seal(entry)
+        return True
+    except (OSError, ValueError):
+        return False
+    files = {f.name for f in entry.iterdir() if f.is_file() and not f.name.startswith(".")}
+    if files != set(record):
+        return False
+    for name, (size, mtime_ns, digest) in record.items():
+        st = (entry / name).stat()
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            if on_step:
+                on_step(f"{entry.name}/{name} changed since it was cached: checking its hash")
+            if sha256_file(entry / name) != digest:
+                return False
+    return True
+
+
+def _cached(target: Path, build, on_step=None) -> Path:
+    """A cache entry built once by `build(target)`, sealed, and rebuilt if its files were changed since (a
+    stage folder's hard link written through, a stray edit): the cache never hands out modified weights."""
+    if target.exists() and not intact(target, on_step):
+        (on_step or (lambda m: None))(f"{target.name}: the cached files were modified; rebuilding them")
+        doomed = target.with_name(f"{TMP_PREFIX}stale-{target.name}.{os.getpid()}")
+        os.replace(target, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    if not target.exists():
+        build(target)
+        seal(target)
+    return target
+
+
 def resolve(path: str, on_step=None) -> ResolvedModel:
     """Turn a recipe's `model.path` into a checked local checkpoint directory, converting once if needed.
     `on_step(message)` hears about the slow one-time steps (assembling, verifying, dequantizing, writing)."""
@@ -120,22 +172,26 @@ def resolve(path: str, on_step=None) -> ResolvedModel:
         name = path.removeprefix("bundled:")
         if name not in BUNDLED:
             raise ModelSourceError(f"unknown bundled model {name!r}; available: {', '.join(BUNDLED)}")
-        target = cache_root() / "models" / name
-        if not target.exists():
+
+        def build(target: Path) -> None:
             gguf = assemble(BUNDLED[name], cache_root() / "models" / f"{TMP_PREFIX}gguf-{name}", on_step)
             convert_gguf(gguf, target, on_step)
             if gguf.parent.name.startswith(TMP_PREFIX):
                 shutil.rmtree(gguf.parent, ignore_errors=True)
-        return ResolvedModel(check_checkpoint_dir(target), path)
+
+        return ResolvedModel(check_checkpoint_dir(_cached(cache_root() / "models" / name, build, on_step)), path)
     if path.startswith("tiny:"):
         arch = path.removeprefix("tiny:")
         if arch not in TINY_ARCHS:
             raise ModelSourceError(f"unknown tiny model {arch!r}; available: {', '.join(TINY_ARCHS)}")
-        target = cache_root() / "models" / f"tiny-{arch}"
-        if not target.exists():
+
+        def build(target: Path) -> None:
             with atomic_dir(target) as tmp:
                 write_tiny(arch, tmp)
-        return ResolvedModel(check_checkpoint_dir(target), path)
+
+        return ResolvedModel(
+            check_checkpoint_dir(_cached(cache_root() / "models" / f"tiny-{arch}", build, on_step)), path
+        )
     local = Path(path).expanduser()
     if not local.exists():
         raise ModelSourceError(
@@ -144,8 +200,7 @@ def resolve(path: str, on_step=None) -> ResolvedModel:
         )
     if local.is_file() and local.suffix == ".gguf":
         target = cache_root() / "models" / f"gguf-{sha256_file(local)[:16]}"
-        if not target.exists():
-            convert_gguf(local, target, on_step)
+        _cached(target, lambda t: convert_gguf(local, t, on_step), on_step)
         return ResolvedModel(check_checkpoint_dir(target), path)
     if local.is_file():
         raise ModelSourceError(
@@ -160,10 +215,7 @@ def resolve(path: str, on_step=None) -> ResolvedModel:
 def import_packed(directory: Path) -> Path:
     """A GPTQ / compressed-tensors checkpoint, dequantized once into the cache with its quantization grid."""
     digest = sha256_json({p.name: sha256_file(p) for p in sorted(directory.glob("*")) if p.is_file()})
-    target = cache_root() / "models" / f"imported-{digest[:16]}"
-    if not target.exists():
-        import_quantized(directory, target)
-    return target
+    return _cached(cache_root() / "models" / f"imported-{digest[:16]}", lambda t: import_quantized(directory, t))
 
 
 def check_safetensors_file(path: Path) -> None:

@@ -21,8 +21,8 @@ from dscompress.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, D
 from dscompress.version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, emoji=False)  # ":llama" in tiny:llama is a name, not an emoji code
+out = Console(emoji=False)
 
 Debug = Annotated[bool, typer.Option("--debug", help="show full tracebacks")]
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file")]
@@ -110,12 +110,15 @@ def _load(recipe_path: Path, with_model: bool = True):
     if not with_model:
         return recipe, located, None
     from dscompress.models.info import inspect_model
+    from dscompress.models.load import load_tokenizer
     from dscompress.models.sources import resolve
     from dscompress.plan import check_against_model
 
     _quiet_libraries()
-    info = inspect_model(resolve(recipe.model.path).directory, recipe.model.trust_remote_code)
+    directory = resolve(recipe.model.path).directory
+    info = inspect_model(directory, recipe.model.trust_remote_code)
     check_against_model(recipe, located, info)
+    load_tokenizer(directory)  # every run cuts its windows with it
     return recipe, located, info
 
 
@@ -135,7 +138,7 @@ def run(
     with handled(debug):
         _quiet_libraries()
         parsed, located, _ = _load(recipe, with_model=False)  # the runner checks against the model itself
-        console = Console(stderr=True, quiet=True) if quiet else err
+        console = Console(stderr=True, quiet=True, emoji=False) if quiet else err
         report = Runner(parsed, recipe, out_dir, console=console, located=located).run()
         out.print(f"final artifact: {report['final_artifact']}")
 
@@ -216,9 +219,11 @@ def export_(
     from dscompress.export.formats import FORMATS, export
     from dscompress.export.onnx_quant import TARGETS
     from dscompress.models.load import DTYPES
+    from dscompress.models.sources import check_checkpoint_dir
 
     with handled(debug):
         check_output(out_dir, "export")  # before any work: never into a folder of someone else's files
+        check_checkpoint_dir(stage)
         _quiet_libraries()
         if fmt in TARGETS:
             from dscompress.export.stage_export import export_stage
@@ -235,7 +240,7 @@ def export_(
 
 @app.command()
 def generate(
-    model: Annotated[Path, typer.Option("--model", help="an exported ONNX directory or a stage directory")],
+    model: Annotated[Path, typer.Option("--model", help="an export, a stage directory, bundled:<name> or tiny:<arch>")],
     prompt: Annotated[str, typer.Option(help="the prompt text")] = "The capital of France is",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     debug: Debug = False,
@@ -299,10 +304,12 @@ def bundle(
     from dscompress.errors import RecipeError
     from dscompress.export.bundle import VERIFY_LEN, VERIFY_WINDOWS, make_bundle, stage_problems
     from dscompress.models.load import load_tokenizer
+    from dscompress.models.sources import check_checkpoint_dir
     from dscompress.recipe import TargetSpec
 
     with handled(debug):
         check_output(out_dir, "bundle")  # before any work: never into a folder of someone else's files
+        check_checkpoint_dir(stage)
         _quiet_libraries()
         try:
             spec = TargetSpec(device=target, jetpack=jetpack, max_context=max_context, max_batch=max_batch,

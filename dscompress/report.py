@@ -21,26 +21,51 @@ def write_reports(out: Path, report: dict) -> None:
     atomic_write_text(out / "report.md", markdown(report))
 
 
+_CHECK_NAMES = {  # the threshold with its unit: a perplexity limit is a percent increase, KL is nats per token
+    "perplexity": "perplexity increase {op} {threshold:g}%",
+    "kl": "mean KL {op} {threshold:g} nats/token",
+    "top1": "top-1 agreement {op} {threshold:g}",
+}
+
+
+def _check_name(stage: dict, v: dict) -> str:
+    template = _CHECK_NAMES.get(v["metric"], "{metric} {op} {threshold:g}")
+    return f"{stage['dir']}: " + template.format(metric=v["metric"], op=v["op"], threshold=v["threshold"])
+
+
 def junit_xml(report: dict) -> str:
-    """One test case per gate check; a failed check is a <failure> with the sentence that explains it."""
-    cases, failures = [], 0
+    """One test case per gate check, each with its share of its stage's time. A failed check of a stage that
+    stopped the run is a <failure>; of a stage dropped by `on_fail: skip` (the run still exits 0) a <skipped>;
+    a stage that was interrupted or crashed is one <error> case, so the verdicts always match the exit code."""
+    cases, counts, total = [], {"failures": 0, "skipped": 0, "errors": 0}, 0.0
     for stage in report["stages"]:
-        for v in stage.get("verdicts", []):
-            name = quoteattr(f"{stage['dir']}: {v['metric']} {v['op']} {v['threshold']:g}")
-            seconds = stage.get("timings", {}).get("total_s", 0.0)
-            body = ""
+        verdicts = stage.get("verdicts", [])
+        seconds = stage.get("timings", {}).get("total_s", 0.0)
+        for v in verdicts:
+            body, share = "", seconds / len(verdicts)
             if not v["passed"]:
-                failures += 1
-                body = f"<failure message={quoteattr(v['detail'])}>{escape(v['detail'])}</failure>"
-            cases.append(
-                f'    <testcase classname="dscompress.gates" name={name} time="{seconds:.3f}">{body}</testcase>'
-            )
+                kind = "skipped" if stage.get("status") == "skipped" else "failure"
+                counts["skipped" if kind == "skipped" else "failures"] += 1
+                body = f"<{kind} message={quoteattr(v['detail'])}>{escape(v['detail'])}</{kind}>"
+            cases.append(_case(_check_name(stage, v), share, body))
+            total += share
+        if stage.get("status") == "pending" and report.get("result") in ("interrupted", "error"):
+            message = report.get("message") or report["result"]
+            counts["errors"] += 1
+            body = f"<error message={quoteattr(message)}>{escape(message)}</error>"
+            cases.append(_case(f"{stage['dir']}: completes", 0.0, body))
+    stamp = f' timestamp="{report["started"]}"' if report.get("started") else ""
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f'<testsuites><testsuite name="dscompress" tests="{len(cases)}" failures="{failures}">\n'
+        f'<testsuites><testsuite name="dscompress" tests="{len(cases)}" failures="{counts["failures"]}" '
+        f'errors="{counts["errors"]}" skipped="{counts["skipped"]}" time="{total:.3f}"{stamp}>\n'
         + "\n".join(cases)
         + "\n</testsuite></testsuites>\n"
     )
+
+
+def _case(name: str, seconds: float, body: str) -> str:
+    return f'    <testcase classname="dscompress.gates" name={quoteattr(name)} time="{seconds:.3f}">{body}</testcase>'
 
 
 COLUMNS = ("stage", "status", "ppl", "KL", "top-1", "size MB", "time s")

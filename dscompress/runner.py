@@ -120,7 +120,14 @@ class Runner:
             except GateFailed as exc:
                 report["result"], report["message"] = "gate failed", str(exc)
                 raise
+            except KeyboardInterrupt:
+                report["result"], report["message"] = "interrupted", "interrupted (Ctrl-C); rerun to resume"
+                raise
+            except BaseException as exc:
+                report["result"], report["message"] = "error", f"{type(exc).__name__}: {exc}"[:500]
+                raise
             finally:
+                report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
                 report["stages"] = [r.as_dict() for r in self.records]
                 write_reports(self.out, report)
                 if any(r.metrics for r in self.records):  # a failure before any result is its one error line
@@ -148,7 +155,7 @@ class Runner:
             "recipe": str(self.recipe_path), "model": self.recipe.model.path, "device": str(self.device),
             "seed": self.recipe.seed, "data_source": spec.source, "eval_windows": spec.eval.samples,
             "eval_seq_len": spec.eval.seq_len, "result": "incomplete", "final_artifact": None,
-            "versions": versions(), "stages": [],
+            "versions": versions(), "stages": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }  # fmt: skip
 
     def _run_locked(self, source: Path, report: dict) -> None:

@@ -75,6 +75,12 @@ def test_on_fail_skip_continues_from_previous(tmp_path):
     )
     report = run_recipe(tiny_recipe(tmp_path / "r.yaml", stages=stages), tmp_path / "out")
     assert [s["status"] for s in report["stages"]] == ["passed", "skipped", "passed"]
+    suite = ET.parse(tmp_path / "out" / "junit.xml").getroot()[0]  # exit 0, so no failure: a skip
+    assert (suite.get("failures"), suite.get("skipped"), suite.get("errors")) == ("0", "1", "0")
+    case = suite.find("testcase")
+    assert case.get("name") == "1-bad: mean KL <= 1e-06 nats/token" and case.find("skipped") is not None
+    assert float(suite.get("time")) == pytest.approx(report["stages"][1]["timings"]["total_s"], abs=2e-3)
+    assert suite.get("timestamp") == report["started"]
     manifest = json.loads((tmp_path / "out" / "2-good" / "manifest.json").read_text())
     assert manifest["input"].endswith("0-baseline")
 

@@ -202,6 +202,10 @@ def test_ctrl_c_during_the_baseline_exits_130_and_the_rerun_resumes(tmp_path):
     assert proc.returncode == EXIT_INTERRUPTED, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not (out / "0-baseline").exists()
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(out / "junit.xml").getroot()[0]  # exit 130: one error, not zero tests
+    assert (suite.get("tests"), suite.get("errors"), suite.get("failures")) == ("1", "1", "0")
     assert cli("run", str(recipe), "--out", str(out)).returncode == 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dscompress.errors import ModelSourceError
+from dscompress.errors import ModelSourceError, RecipeError
 
 
 def is_onnx_dir(path: Path) -> bool:
@@ -71,23 +71,41 @@ class EngineLM:
         return tokens, {"prefill_s": prefill_s, "decode_ms_per_token": ms}
 
 
+def model_dir(path: Path | str) -> Path:
+    """A model argument of generate / bench: an ONNX export, a bundle or a checkpoint directory (checked:
+    config.json, complete safetensors), or `bundled:<name>` / `tiny:<arch>`. Never passed on as a hub id."""
+    from dscompress.models.sources import check_checkpoint_dir, resolve
+
+    text = str(path)
+    if text.startswith(("bundled:", "tiny:")):
+        return resolve(text).directory
+    path = Path(path)
+    if is_onnx_dir(path) or ((path / "model.engine").is_file() and (path / "export.json").is_file()):
+        return path
+    if path.is_dir() and (path / "config.json").is_file():
+        return check_checkpoint_dir(path)
+    raise ModelSourceError(
+        f"{path}: neither an exported ONNX directory (export.json) nor a checkpoint directory. Fix: give a stage "
+        "folder (out/<run>/latest), an export folder, bundled:<name> or tiny:<arch>"
+    )
+
+
 def open_lm(path: Path, exact_qdq: bool = True):
     """`exact_qdq=False` lets ONNX Runtime fuse Q/DQ into its int8 kernels: what latency runs measure."""
     from dscompress.export.ort_runner import OrtLM
 
+    path = model_dir(path)
     if (path / "model.engine").is_file() and (path / "export.json").is_file():
         return EngineLM(path)
     if is_onnx_dir(path):
         return OrtLM(path, exact_qdq=exact_qdq)
-    if (path / "config.json").is_file():
-        return TorchLM(path)
-    raise ModelSourceError(f"{path}: neither an exported ONNX directory (export.json) nor a checkpoint directory")
+    return TorchLM(path)
 
 
 def tokenizer_for(path: Path):
-    from transformers import AutoTokenizer
+    from dscompress.models.load import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return load_tokenizer(path)
 
 
 def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
@@ -114,9 +132,8 @@ def measure(path: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
 def bench(paths: list[Path], prompt_len: int, new_tokens: int, repeats: int) -> list[dict]:
     """Measure each model in a fresh process."""
     results = []
+    paths = [model_dir(p) for p in paths]  # every argument checked before the first measurement
     for path in paths:
-        if not (is_onnx_dir(path) or (path / "config.json").is_file()):
-            raise ModelSourceError(f"{path}: neither an exported ONNX directory nor a checkpoint directory")
         proc = subprocess.run(
             [
                 sys.executable,
@@ -131,13 +148,22 @@ def bench(paths: list[Path], prompt_len: int, new_tokens: int, repeats: int) -> 
             text=True,
             check=False,
         )
+        try:
+            last = json.loads((proc.stdout.strip().splitlines() or ["{}"])[-1])
+        except json.JSONDecodeError:
+            last = {}
+        if "refused" in last:  # a known failure in the measuring process (NaN weights, a missing tensor, ...)
+            raise ModelSourceError(last["refused"])
         if proc.returncode != 0:
             raise RuntimeError(f"{path}: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results.append(last)
     return results
 
 
 def generate(path: Path, prompt: str, new_tokens: int) -> dict:
+    if not prompt.strip():
+        raise RecipeError("--prompt: empty or only whitespace; there is nothing to continue. Fix: give some text")
+    path = model_dir(path)
     lm = open_lm(path)
     tok = tokenizer_for(path)
     ids = torch.tensor(tok(prompt)["input_ids"])
@@ -146,5 +172,11 @@ def generate(path: Path, prompt: str, new_tokens: int) -> dict:
 
 
 if __name__ == "__main__":
+    from dscompress.errors import DscompressError
+
     target, plen, ntok, reps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    print(json.dumps(measure(target, plen, ntok, reps)))
+    try:
+        print(json.dumps(measure(target, plen, ntok, reps)))
+    except DscompressError as exc:  # handed to the parent, which reports it as its own one-line error
+        print(json.dumps({"refused": str(exc)}))
+        sys.exit(2)

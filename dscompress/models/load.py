@@ -14,10 +14,22 @@ from dscompress.errors import ModelSourceError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def read_config_json(directory: Path) -> dict:
+    """config.json as a dict; a file that is not UTF-8 JSON of an object is a one-line ModelSourceError."""
+    path = directory / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelSourceError(f"{path}: not valid JSON ({exc}). Fix: restore the checkpoint's config.json") from None
+    if not isinstance(raw, dict):
+        raise ModelSourceError(f"{path}: a JSON {type(raw).__name__}, not an object. Fix: restore config.json")
+    return raw
+
+
 def load_config(directory: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    raw = json.loads((directory / "config.json").read_text())
+    raw = read_config_json(directory)
     if raw.get("auto_map") and not trust_remote_code:
         raise ModelSourceError(
             f"{directory}: this checkpoint ships its own modeling code (auto_map). Fix: set "
@@ -39,7 +51,20 @@ def load_model(directory: Path, dtype: str = "float32", trust_remote_code: bool 
         output_loading_info=True,
     )  # fmt: skip
     check_complete(directory, info, model)
+    check_finite(directory, model)
     return model.eval()
+
+
+def check_finite(directory: Path, model) -> None:
+    """Refuse NaN or infinite weights before anything is computed from them (every metric would be NaN, and a
+    NaN compares false against any gate)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelSourceError(
+                f"{directory}: tensor {name} holds {bad} NaN/Inf values of {t.numel()}. Fix: use an intact "
+                "checkpoint (a training divergence or a broken conversion writes these)"
+            )
 
 
 def check_complete(directory: Path, info: dict, model=None) -> None:
@@ -70,4 +95,11 @@ def check_complete(directory: Path, info: dict, model=None) -> None:
 def load_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelSourceError(
+            f"{directory}: cannot load its tokenizer ({type(exc).__name__}: {first[:200]}). Fix: restore the "
+            "tokenizer files (tokenizer.json, tokenizer_config.json) from the original checkpoint"
+        ) from None

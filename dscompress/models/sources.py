@@ -20,6 +20,7 @@ import torch
 from dscompress.atomic import TMP_PREFIX, atomic_dir, sha256_file, sha256_json
 from dscompress.errors import ModelSourceError
 from dscompress.models.bundled import BUNDLED, assemble
+from dscompress.models.load import read_config_json
 from dscompress.models.packed import import_quantized
 from dscompress.models.tiny import TINY_ARCHS, write_tiny
 
@@ -207,7 +208,7 @@ def resolve(path: str, on_step=None) -> ResolvedModel:
             f"{path}: is a file; dscompress reads checkpoint directories (safetensors) or .gguf files"
         )
     check_checkpoint_dir(local)
-    if json.loads((local / "config.json").read_text()).get("quantization_config"):
+    if read_config_json(local).get("quantization_config"):
         return ResolvedModel(check_checkpoint_dir(import_packed(local)), path)
     return ResolvedModel(local, path)
 
@@ -241,6 +242,7 @@ def check_checkpoint_dir(directory: Path) -> Path:
     """A directory with config.json and complete safetensors weights; pickle-only directories are refused."""
     if not (directory / "config.json").is_file():
         raise ModelSourceError(f"{directory}: no config.json; not a Hugging Face checkpoint directory")
+    read_config_json(directory)
     weights = sorted(directory.glob("*.safetensors"))
     if not weights:
         pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]

@@ -133,14 +133,37 @@ def run(
 ) -> None:
     """Run every stage of a recipe; rerunning resumes and reuses finished stages. Without a terminal (CI logs)
     progress is printed as timestamped lines: one per layer or stage step, at least every 30 s, with an ETA."""
+    from dscompress.compress import cluster
     from dscompress.runner import Runner
 
-    with handled(debug):
+    if cluster.launched():  # one of several ranks started by torchrun: join its group (compress/cluster.py)
+        member = cluster.join()
+        if member.rank != 0:
+            with handled(debug):
+                cluster.serve()
+            return
+    with handled(debug), _cluster_lead():
         _quiet_libraries()
         parsed, located, _ = _load(recipe, with_model=False)  # the runner checks against the model itself
         console = Console(stderr=True, quiet=True, emoji=False) if quiet else err
         report = Runner(parsed, recipe, out_dir, console=console, located=located).run()
         out.print(f"final artifact: {report['final_artifact']}")
+
+
+@contextlib.contextmanager
+def _cluster_lead():
+    """Rank 0 under torchrun: tell the other ranks to stop when the run ends, unless they are stuck in a failed job."""
+    from dscompress.compress import cluster
+
+    if not cluster.launched():
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        cluster.leave(cluster.clean_exit(exc))
+        raise
+    cluster.leave(True)
 
 
 @app.command()

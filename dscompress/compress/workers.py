@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from dscompress.atomic import atomic_write_text
+from dscompress.compress.cluster import WORKER_ENV, launched
 from dscompress.errors import RecipeError
 
 
@@ -46,6 +47,11 @@ class WorkerJob(BaseModel):
 
 def world_size(devices: int | str, device: torch.device, stage: str) -> int:
     """How many worker processes a pass asks for: `devices` from its config, `auto` = every visible GPU."""
+    if launched() and devices != 1:
+        raise RecipeError(
+            f"{stage}.devices: {devices}, but this run was started by an outside launcher (torchrun), where "
+            f"{stage} runs on rank 0 alone (gptq uses every rank). Fix: devices: 1"
+        )
     if devices == "auto":
         return torch.cuda.device_count() if device.type == "cuda" else 1
     if device.type == "cuda" and devices > torch.cuda.device_count():
@@ -78,7 +84,8 @@ def run_workers(module: str, job: Path, world: int, on_progress: Callable[[dict]
         module,
         str(job),
     ]
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+    env = {**os.environ, WORKER_ENV: "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "NVSHMEM_DISABLE_NVLS": "1",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}  # fmt: skip
     with open(wdir / "workers.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

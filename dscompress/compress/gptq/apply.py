@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from dscompress.compress import cluster
 from dscompress.compress.gptq import dist
 from dscompress.compress.gptq.config import GPTQConfig
 from dscompress.compress.gptq.ranks import SingleRank
@@ -19,6 +20,8 @@ check = check_group_size
 
 
 def apply(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext) -> PassOutput:
+    if cluster.launched():  # started by torchrun: every rank of the launcher's group takes part; `devices` unused
+        return dist.lead(model, config, ctx)
     world = world_size(config.devices, ctx.device, "gptq")
     windows = len(ctx.calibration())
     if world > windows:

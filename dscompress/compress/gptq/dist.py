@@ -25,11 +25,13 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from dscompress.atomic import atomic_dir, atomic_write_json
+from dscompress.compress import cluster
 from dscompress.compress.gptq.config import GPTQConfig
 from dscompress.compress.gptq.ranks import Ranks
 from dscompress.compress.gptq.solve import quantize
 from dscompress.compress.workers import WorkerJob, run_workers
 from dscompress.context import PassOutput, StageContext, make_progress
+from dscompress.errors import RecipeError
 from dscompress.models.adapters import adapter_for
 from dscompress.models.load import load_model
 from dscompress.quant.qstate import QuantState
@@ -70,6 +72,33 @@ def launch(model, config: GPTQConfig, ctx: StageContext, world: int) -> PassOutp
         load_result(model, load_file(str(wdir / "result" / "weights.safetensors")), state)
         summary = json.loads((wdir / "result" / "summary.json").read_text())
     return PassOutput(model, quant=state, summary=summary)
+
+
+def lead(model, config: GPTQConfig, ctx: StageContext) -> PassOutput:
+    """Rank 0 under an outside launcher (compress/cluster.py): hand the job to every rank, then run the same
+    data-parallel pass as `devices: N` here, on the runner's own model and progress display."""
+    if ctx.input_dir is None:
+        raise RecipeError("gptq under an outside launcher needs its input on disk (a recipe stage's input)")
+    job = GPTQJob(config=config, model_dir=ctx.input_dir, dtype=ctx.dtype, device=ctx.device.type, seed=ctx.seed,
+                  resume_dir=ctx.resume_dir)  # fmt: skip
+    windows = ctx.calibration()
+    cluster.send({"handler": "dscompress.compress.gptq.dist:follow", "job": job.model_dump_json(), "windows": windows})
+    try:
+        return quantize(model, config, ctx, Ranks())
+    except BaseException as exc:
+        raise cluster.mark_job_failure(exc) from None
+
+
+def follow(message: dict) -> None:
+    """A rank > 0 under an outside launcher: the job rank 0 sent, on this rank's device; rank 0 keeps the result."""
+    spec = GPTQJob.model_validate_json(message["job"])
+    model = load_model(spec.model_dir, spec.dtype)
+    windows = message["windows"]
+    console = Console(stderr=True, quiet=True)
+    with make_progress(console) as progress:
+        ctx = StageContext(adapter_for(model.config), cluster.device(), spec.seed, console, progress,
+                           lambda: windows, resume_dir=spec.resume_dir)  # fmt: skip
+        quantize(model, spec.config, ctx, Ranks())
 
 
 def target_param(model, name: str, kind: str) -> torch.Tensor:

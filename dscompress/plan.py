@@ -9,6 +9,7 @@ from dscompress.compress.selection import selected
 from dscompress.errors import RecipeError
 from dscompress.export.preflight import roofline, target_problems
 from dscompress.models.info import DTYPE_BYTES, ModelInfo, inspect_config
+from dscompress.quant.qstate import quantized_bytes
 from dscompress.recipe import Recipe
 from dscompress.registry import spec_for
 from dscompress.yamlpaths import LocatedYaml, format_loc
@@ -58,12 +59,6 @@ def check_against_model(recipe: Recipe, located: LocatedYaml | None, info: Model
 RUNTIME_BYTES = 1 << 30  # torch + transformers + tokenizer, measured ~1 GB RSS before any model is loaded
 
 
-def _quant_bytes(n_params: int, bits: int, group_size: int, in_features: int) -> float:
-    """Deployed bytes of n_params quantized weights: codes plus a fp16 scale and a zero per group."""
-    group = in_features if group_size == -1 else group_size
-    return n_params * bits / 8 + n_params / group * (2 + bits / 8)
-
-
 def _distill_bytes(cfg, student: ModelInfo, teacher_bytes: int, seq_len: int) -> int:
     """Per device: the fp32 student with gradients and two AdamW moments, the teacher, a micro-batch of student
     and teacher logits (the chunked KL keeps only those two full-size), and the student's saved activations
@@ -106,7 +101,7 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
         if spec.quantizes:
             chosen = selected(info.targets, cfg.exclude)
             q_params = sum(t.param.numel() for t in chosen)
-            q_bytes = sum(_quant_bytes(t.param.numel(), cfg.bits, cfg.group_size, t.in_features) for t in chosen)
+            q_bytes = sum(quantized_bytes(t.param.numel(), cfg.bits, cfg.group_size, t.in_features) for t in chosen)
             deployed = model_bytes - q_params * dtype_bytes + q_bytes
             groups = sum(t.param.numel() // (t.in_features if cfg.group_size == -1 else cfg.group_size) for t in chosen)
             # the checkpoint keeps float weights, plus a float32 scale and an int32 zero per group

@@ -1,4 +1,5 @@
-"""Run reports: report.json (machine), report.md (people), junit.xml (CI systems), and a terminal table."""
+"""Run reports: report.json (machine), report.md and report.html (people, with charts), junit.xml (CI systems),
+and a terminal table."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dscompress.atomic import atomic_write_json, atomic_write_text
+from dscompress.report_html import render_html
 
 
 def _fmt(value, spec: str) -> str:
@@ -19,6 +21,7 @@ def write_reports(out: Path, report: dict) -> None:
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "junit.xml", junit_xml(report))
     atomic_write_text(out / "report.md", markdown(report))
+    atomic_write_text(out / "report.html", render_html(report))
 
 
 _CHECK_NAMES = {  # the threshold with its unit: a perplexity limit is a percent increase, KL is nats per token
@@ -68,7 +71,7 @@ def _case(name: str, seconds: float, body: str) -> str:
     return f'    <testcase classname="dscompress.gates" name={quoteattr(name)} time="{seconds:.3f}">{body}</testcase>'
 
 
-COLUMNS = ("stage", "status", "ppl", "KL", "top-1", "size MB", "time s")
+COLUMNS = ("stage", "status", "ppl", "KL", "top-1", "deployed MB", "disk MB", "time s")
 
 
 def _rows(report: dict):
@@ -77,7 +80,8 @@ def _rows(report: dict):
         status = s["status"] + (" (reused)" if s.get("reused") else "")
         yield (
             s["dir"], status, _fmt(m.get("perplexity"), ".3f"), _fmt(m.get("kl"), ".5f"),
-            _fmt(m.get("top1"), ".4f"), _fmt(s.get("size_bytes", 0) / 1e6, ".1f"),
+            _fmt(m.get("top1"), ".4f"), _fmt((s.get("deployed_bytes") or 0) / 1e6, ".1f"),
+            _fmt(s.get("size_bytes", 0) / 1e6, ".1f"),
             _fmt(s.get("timings", {}).get("total_s"), ".1f"),
         )  # fmt: skip
 

@@ -60,7 +60,7 @@ from dscompress.models.load import load_model, load_tokenizer
 from dscompress.models.sources import resolve
 from dscompress.plan import check_against_model
 from dscompress.quant.actquant import attach_saved, detach
-from dscompress.quant.qstate import QUANT_JSON, QUANT_TENSORS, QuantState
+from dscompress.quant.qstate import QUANT_JSON, QUANT_TENSORS, QuantState, deployed_bytes
 from dscompress.recipe import Recipe, Stage
 from dscompress.registry import spec_for
 from dscompress.report import print_table, write_reports
@@ -86,7 +86,8 @@ class StageRecord:
     verdicts: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
-    size_bytes: int = 0
+    size_bytes: int = 0  # disk use of the stage folder
+    deployed_bytes: int = 0  # what a runtime loads (quant.qstate.deployed_bytes)
     onnx: dict = field(default_factory=dict)  # target -> ONNX Runtime metrics and what was quantized
     parity: list = field(default_factory=list)  # verdicts of the exported model against the torch stage
 
@@ -217,6 +218,7 @@ class Runner:
             )
             record.timings = {"total_s": time.perf_counter() - started}
             record.status = "passed"
+            record.deployed_bytes = deployed_bytes(model, None)
             self._write_manifest(tmp, record, key, input_hash, {"source": str(source)})
         del model
         gc.collect()
@@ -264,6 +266,8 @@ class Runner:
                 partial(tracked, progress),
             )  # fmt: skip
             t3 = time.perf_counter()
+            record.deployed_bytes = deployed_bytes(model, result.quant if result.quant is not None else
+                                                   (None if result.quant_invalidated else ctx.quant))  # fmt: skip
             self._save_artifact(model.cpu(), result, input_dir, tmp)
             for fmt in stage.save_formats:
                 export_packed(tmp, tmp / "packed" / fmt, fmt)
@@ -339,7 +343,7 @@ class Runner:
             "stage": record.dir, "pass": record.pass_key, "key": key, "input_artifact_hash": input_hash,
             "artifact_hash": artifact_hash(tmp), "metrics": record.metrics, "summary": record.summary,
             "timings": record.timings, "seed": self.recipe.seed, "versions": versions(), "onnx": record.onnx,
-            "parity": record.parity, **extra,
+            "parity": record.parity, "deployed_bytes": record.deployed_bytes, **extra,
         })  # fmt: skip
 
     def _restore(self, record: StageRecord, manifest: dict, directory: Path) -> Path:
@@ -348,5 +352,6 @@ class Runner:
         record.onnx, record.parity = manifest.get("onnx", {}), manifest.get("parity", [])
         record.timings = manifest.get("timings", {})
         record.size_bytes = dir_size(directory)
+        record.deployed_bytes = manifest.get("deployed_bytes", 0)
         self.console.print(f"[dim]stage {directory.name}: unchanged, reused[/dim]")
         return directory

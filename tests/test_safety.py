@@ -220,7 +220,7 @@ def test_a_full_disk_is_exit_2_with_the_os_reason_and_no_partial_stage(tmp_path,
     assert result.returncode == EXIT_BAD_INPUT
     one_line_error(result, "No space left on device", "free disk space")
     left = {p.name for p in (tmp_path / "out").iterdir()}
-    assert left == {".dscompress-owner", ".lock", "junit.xml", "report.json", "report.md"}  # no stage folder
+    assert left == {".dscompress-owner", ".lock", "junit.xml", "report.json", "report.md", "report.html"}  # no stage
 
 
 def test_interrupted_resume_cleanup_is_finished_by_the_next_run(tmp_path):

@@ -10,6 +10,7 @@ The integer codes are `round(w / scale) + zero`, exact because w was written as 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,3 +72,24 @@ class QuantState:
             meta["method"], meta["bits"], meta["group_size"], meta["symmetric"], meta["targets"], tensors,
             meta.get("activations", {}),
         )  # fmt: skip
+
+
+def quantized_bytes(n_params: int, bits: int, group_size: int, in_features: int) -> float:
+    """Deployed bytes of n_params quantized weights: codes plus a fp16 scale and a zero per group."""
+    group = in_features if group_size == -1 else group_size
+    return n_params * bits / 8 + n_params / group * (2 + bits / 8)
+
+
+def deployed_bytes(model, state: QuantState | None) -> int:
+    """The bytes a runtime loads for `model`: quantized weights at their bits with their scales and zeros,
+    every other parameter (tied ones once) at its own dtype. Disk use of a stage folder is something else (it
+    keeps float weights beside the grid)."""
+    params = {p.data_ptr(): p for p in model.parameters()}.values()
+    total = sum(p.numel() * p.element_size() for p in params)
+    if state is None:
+        return int(total)
+    element = next(iter(params)).element_size()
+    for meta in state.targets.values():
+        numel = math.prod(meta["shape"])
+        total += quantized_bytes(numel, state.bits, state.group_size, meta["shape"][-1]) - numel * element
+    return int(total)

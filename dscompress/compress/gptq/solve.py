@@ -19,6 +19,7 @@ exchanging Hessians and solved rows or experts (dist.py, ranks.py); apply.py cho
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -104,6 +105,12 @@ class _Run:
     stats: dict
     comm: SingleRank
     grids: dict = field(default_factory=dict)  # stacked group -> {expert: (scale, zero)} while it is solved
+    layer: int = -1  # the decoder block being solved
+    layer_loss: dict = field(default_factory=dict)  # block -> GPTQ's loss proxy summed over its solves (this rank)
+
+    def add_loss(self, loss: float) -> None:
+        if math.isfinite(loss):  # an RTN fallback has no GPTQ loss
+            self.layer_loss[self.layer] = self.layer_loss.get(self.layer, 0.0) + loss
 
     @property
     def fast(self) -> bool:
@@ -157,6 +164,7 @@ def _solve_experts(t: WeightTarget, mine: list[int], accs: dict[int, HessianAccu
         del W, H
         for e, res in zip(batch, found, strict=True):
             results[e] = (res.weight, res.scale, res.zero, float(res.damp_used < 0))
+            run.add_loss(res.error)
     return results
 
 
@@ -167,6 +175,7 @@ def _quantize_linears(group: list[WeightTarget], acc: HessianAccumulator, run: _
     bounds = run.comm.slices(len(stacked))
     lo, hi = bounds[run.comm.rank]
     res = gptq_quantize(stacked[lo:hi], acc.H, **run.solver_args())
+    run.add_loss(res.error)
     run.stats["rtn_fallback_weights"] += int(res.damp_used < 0)  # the same Hessian, so the same on every rank
     weight, scale, zero = _full_rows(res, len(stacked), bounds, run.comm)
     rows = 0
@@ -282,6 +291,8 @@ def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm
     run.stats["peak_accelerator_bytes"] = comm.max(peak)  # per device: the largest
     run.stats["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     run.stats["quantized_weights"] = len(run.state.targets)
+    # per decoder block, sum over its weights of (w - q)^2 / Hinv_cc^2 (rank 0's rows and experts; None: resumed)
+    run.stats["layer_loss"] = [run.layer_loss.get(i) for i in range(len(layers))]
     run.stats["calibration_tokens"] = int(windows.numel())
     run.stats["devices"] = comm.world
     run.stats["pass_seconds"] = round(time.perf_counter() - started, 2)  # inside this process (worker)
@@ -290,6 +301,7 @@ def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm
 
 def _quantize_block(model, adapter, index: int, layer, batches, run: _Run, path: Path | None):
     """Quantize (or resume) decoder block `index`; returns its outputs when the dense shortcut computed them."""
+    run.layer = index
     groups = [g for g in (selected(g, run.config.exclude) for g in adapter.block_linears(model, index)) if g]
     if run.comm.agree(path is not None and path.exists()):  # rank 0 decides: every rank loads the same file
         _load_block(path, layer, run.state, [t for g in groups for t in g])
@@ -407,6 +419,7 @@ def _quantize_dense_layer(layer, groups, batches, parts, run: _Run):
 
 def _quantize_lm_head(model, adapter, batches, run: _Run) -> None:
     """lm_head (only when `exclude` no longer lists it): its input is the final norm of the last layer's output."""
+    run.layer = -1  # not a decoder block: its loss stays out of layer_loss
     head = WeightTarget(adapter.lm_head_path, model.get_submodule(adapter.lm_head_path), "weight", "linear", -1)
     if not selected([head], run.config.exclude):
         return

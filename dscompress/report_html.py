@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from html import escape
 
-W, H, PAD = 560, 260, 48
+W, H, PAD, LEFT = 580, 260, 48, 84  # LEFT: room for the y tick labels and the y title
 COLORS = ("#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#bf3989")
 
 
@@ -21,22 +21,27 @@ def _scale(values: list[float], lo_px: float, hi_px: float):
     return lambda v: lo_px + (v - lo) / (hi - lo) * (hi_px - lo_px), lo, hi
 
 
-def _frame(title: str, x_label: str, y_label: str, body: str, x_rng, y_rng, chart: str) -> str:
+def _frame(title: str, x_label: str, y_label: str, body: str, x_rng, y_rng, chart: str, x_ticks=None) -> str:
+    """Axes, ticks and labels around `body`. x_ticks: [(value, label)] for categories; else 5 even ticks."""
     ticks = []
     for i in range(5):
-        fx = x_rng[0] + (x_rng[1] - x_rng[0]) * i / 4
         fy = y_rng[0] + (y_rng[1] - y_rng[0]) * i / 4
-        px, py = PAD + (W - 2 * PAD) * i / 4, H - PAD - (H - 2 * PAD) * i / 4
-        ticks.append(f'<text x="{px:.1f}" y="{H - PAD + 16}" class="t" text-anchor="middle">{fx:.4g}</text>')
-        ticks.append(f'<text x="{PAD - 6}" y="{py + 4:.1f}" class="t" text-anchor="end">{fy:.4g}</text>')
+        py = H - PAD - (H - 2 * PAD) * i / 4
+        ticks.append(f'<text x="{LEFT - 6}" y="{py + 4:.1f}" class="t" text-anchor="end">{fy:.3g}</text>')
+    if x_ticks is None:
+        x_ticks = [(x_rng[0] + (x_rng[1] - x_rng[0]) * i / 4, None) for i in range(5)]
+    for value, label in x_ticks:
+        px = LEFT + (W - PAD - LEFT) * (value - x_rng[0]) / ((x_rng[1] - x_rng[0]) or 1)
+        text = escape(label) if label is not None else f"{value:.4g}"
+        ticks.append(f'<text x="{px:.1f}" y="{H - PAD + 16}" class="t" text-anchor="middle">{text}</text>')
     return (
         f'<figure><svg id="{chart}" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img">'
         f"<title>{escape(title)}</title>"
-        f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" class="axis"/>'
-        f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" class="axis"/>'
+        f'<line x1="{LEFT}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" class="axis"/>'
+        f'<line x1="{LEFT}" y1="{PAD}" x2="{LEFT}" y2="{H - PAD}" class="axis"/>'
         + "".join(ticks)
         + f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">{escape(x_label)}</text>'
-        f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" text-anchor="middle">{escape(y_label)}</text>'
+        f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" text-anchor="middle">{escape(y_label)}</text>'
         + body
         + f"</svg><figcaption>{escape(title)}</figcaption></figure>"
     )
@@ -46,7 +51,7 @@ def scatter(chart: str, title: str, x_label: str, y_label: str, points: list[tup
     """Labelled points (label, x, y), joined in order (the pipeline's path through size and accuracy)."""
     if not points:
         return ""
-    fx, *x_rng = _scale([p[1] for p in points], PAD, W - PAD)
+    fx, *x_rng = _scale([p[1] for p in points], LEFT, W - PAD)
     fy, *y_rng = _scale([p[2] for p in points], H - PAD, PAD)
     path = " ".join(f"{fx(x):.1f},{fy(y):.1f}" for _, x, y in points)
     marks = [f'<polyline points="{path}" class="path"/>']
@@ -66,16 +71,19 @@ def bars(chart: str, title: str, x_label: str, y_label: str, values: list[tuple[
     if not values:
         return ""
     top = max(v for _, v in values) or 1.0
-    step = (W - 2 * PAD) / len(values)
+    step = (W - PAD - LEFT) / len(values)
     marks = []
     for i, (label, v) in enumerate(values):
         h = (H - 2 * PAD) * v / (top * 1.08)
         marks.append(
-            f'<rect x="{PAD + i * step + 1:.1f}" y="{H - PAD - h:.1f}" width="{max(step - 2, 1):.1f}" height="{h:.1f}" '
+            f'<rect x="{LEFT + i * step + 1:.1f}" y="{H - PAD - h:.1f}" width="{max(step - 2, 1):.1f}" '
+            f'height="{h:.1f}" '
             f'fill="{COLORS[0]}" data-label="{escape(label)}" data-x="{i}" data-y="{v!r}">'
             f"<title>{escape(label)}: {v:.4g}</title></rect>"
         )
-    return _frame(title, x_label, y_label, "".join(marks), (0, len(values)), (0, top * 1.08), chart)
+    every = max(1, len(values) // 12)  # at most about 12 category labels
+    x_ticks = [(i + 0.5, str(i)) for i in range(0, len(values), every)]
+    return _frame(title, x_label, y_label, "".join(marks), (0, len(values)), (0, top * 1.08), chart, x_ticks)
 
 
 def lines(chart: str, title: str, x_label: str, y_label: str, series: dict[str, list[tuple[float, float]]]) -> str:
@@ -84,7 +92,7 @@ def lines(chart: str, title: str, x_label: str, y_label: str, series: dict[str, 
         return ""
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]
-    fx, *x_rng = _scale(xs, PAD, W - PAD)
+    fx, *x_rng = _scale(xs, LEFT, W - PAD)
     fy, *y_rng = _scale(ys, H - PAD, PAD)
     marks = []
     for i, (name, pts) in enumerate(series.items()):
@@ -164,7 +172,8 @@ def _stage_charts(s: dict) -> str:
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:24px;max-width:1200px;color:#1f2328}
 table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #d0d7de;padding:4px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}figure{display:inline-block;margin:8px}.axis{stroke:#57606a}
+td:first-child,th:first-child{text-align:left}table.meta td{text-align:left}
+figure{display:inline-block;margin:8px}.axis{stroke:#57606a}
 .path{fill:none;stroke:#8c959f;stroke-dasharray:4 3}.t{font-size:11px;fill:#57606a}.pass{color:#1a7f37}
 .fail{color:#d1242f}code{background:#f6f8fa;padding:1px 4px}"""
 
@@ -184,7 +193,7 @@ def render_html(report: dict) -> str:
     details = "".join(_stage_charts(s) for s in report["stages"])
     return (
         '<!doctype html><html><head><meta charset="utf-8"><title>dscompress report</title>'
-        f"<style>{STYLE}</style></head><body><h1>dscompress run</h1><table>"
+        f'<style>{STYLE}</style></head><body><h1>dscompress run</h1><table class="meta">'
         + "".join(f"<tr><th>{k}</th><td>{escape(str(v))}</td></tr>" for k, v in meta)
         + "</table><h2>Stages</h2>"
         + _stage_table(report)

@@ -55,10 +55,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        readable = 0o044 & ~_umask()
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                mode = f.stat().st_mode & 0o777
+                if not mode & 0o077:  # safetensors writes 0600: readable by the serving user like every other file
+                    f.chmod(mode | readable)
         if final.exists():
             old = final.with_name(f"{TMP_PREFIX}old-{final.name}.{os.getpid()}")
             os.replace(final, old)
@@ -70,6 +74,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save_safetensors(tensors: dict, path: Path) -> None:

@@ -169,8 +169,12 @@ def _cluster_lead():
 @app.command()
 def validate(recipe: RecipeArg, debug: Debug = False) -> None:
     """Check a recipe, including the checks that need the model's shapes; computes nothing."""
+    from dscompress.recipe import compatibility_notes
+
     with handled(debug, every_problem=True):
         parsed, _, info = _load(recipe)
+        for note in compatibility_notes(parsed):
+            err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
         out.print(f"ok: {recipe}: {len(parsed.stages)} stage(s) on {info.adapter.model_type}, {info.n_params:,} params")
 
 

@@ -176,6 +176,21 @@ def _describe(error: dict, located: LocatedYaml) -> str:
     return f"{where}: {path}: {shown}: {msg}. Fix: see docs/RECIPE.md for this field"
 
 
+def compatibility_notes(recipe: Recipe) -> list[str]:
+    """Things a recipe may ask for that work, but not everywhere a user may expect: one line each, printed by
+    `validate` and `run` and kept in report.json."""
+    notes = []
+    for i, stage in enumerate(recipe.stages):
+        if "compressed-tensors" in stage.save_formats and getattr(stage.pass_config, "symmetric", True) is False:
+            notes.append(
+                f"stages[{i}].save_formats: an asymmetric compressed-tensors checkpoint is read by compressed-tensors' "
+                "own decompressor, but stock transformers 5.x with compressed-tensors 0.20 cannot load it (their "
+                "weight_zero_point sizes disagree, for their own asymmetric checkpoints too). For transformers use "
+                "symmetric: true; for gptqmodel, gptq_v2"
+            )
+    return notes
+
+
 def parse_recipe(located: LocatedYaml) -> Recipe:
     try:
         return Recipe.model_validate(located.data)

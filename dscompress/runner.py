@@ -61,7 +61,7 @@ from dscompress.models.sources import resolve
 from dscompress.plan import check_against_model
 from dscompress.quant.actquant import attach_saved, detach
 from dscompress.quant.qstate import QUANT_JSON, QUANT_TENSORS, QuantState, deployed_bytes
-from dscompress.recipe import Recipe, Stage
+from dscompress.recipe import Recipe, Stage, compatibility_notes
 from dscompress.registry import spec_for
 from dscompress.report import print_table, write_reports
 from dscompress.yamlpaths import LocatedYaml
@@ -137,6 +137,8 @@ class Runner:
 
     def _prepare(self) -> Path:
         """Resolve the model, check the recipe against its shapes, and cut the data windows stages need."""
+        for note in compatibility_notes(self.recipe):
+            self.console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
         model = self.recipe.model
         with self.console.status(f"resolving {model.path} (a GGUF or packed checkpoint converts once)"):
             source = resolve(model.path, on_step=self._step).directory
@@ -157,6 +159,7 @@ class Runner:
             "seed": self.recipe.seed, "data_source": spec.source, "eval_windows": spec.eval.samples,
             "eval_seq_len": spec.eval.seq_len, "result": "incomplete", "final_artifact": None,
             "versions": versions(), "stages": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "notes": compatibility_notes(self.recipe),
         }  # fmt: skip
 
     def _run_locked(self, source: Path, report: dict) -> None:

@@ -156,3 +156,20 @@ def test_unknown_quantization_config_is_refused(tmp_path):
     save_file(load_file(str(model / "model.safetensors")), str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelSourceError, match="'awq'.*cannot be imported"):
         resolve(str(tmp_path))
+
+
+def test_asymmetric_compressed_tensors_gets_a_note_and_files_are_readable_by_others(tmp_path):
+    """The note that replaces a promise the stock loader does not keep; and weights 0644, not safetensors' 0600."""
+    from conftest import cli_here, tiny_recipe
+
+    stages = "  - rtn: {bits: 4, group_size: 32, symmetric: false}\n    save_formats: [compressed-tensors]"
+    recipe = tiny_recipe(tmp_path / "r.yaml", stages=stages)
+    result = cli_here("validate", str(recipe))
+    assert result.returncode == 0 and "note: stages[0].save_formats" in result.stderr
+    assert "stock transformers" in result.stderr and "symmetric: true" in result.stderr
+    import dscompress
+
+    report = dscompress.run(recipe, tmp_path / "out")
+    assert len(report["notes"]) == 1
+    for f in (tmp_path / "out" / "1-rtn").rglob("*.safetensors"):
+        assert f.stat().st_mode & 0o044 == 0o044, f  # group and others may read

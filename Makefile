@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-models test test-all test-fast lint format bench clean
+.PHONY: install install-models test test-all test-fast lint format bench schema clean
 
 install:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint:
 format:
 	$(BIN)/ruff check --fix dscompress tests bench
 	$(BIN)/ruff format dscompress tests bench
+
+# The recipe schema shipped for editors; tests/test_recipe.py fails when it is stale.
+schema:
+	$(BIN)/dscompress schema > schema/recipe.schema.json
 
 bench:
 	$(BIN)/python bench/bench_gptq.py

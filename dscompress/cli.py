@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import json
 import os
@@ -20,7 +21,29 @@ from rich.console import Console
 from dscompress.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, DscompressError
 from dscompress.version import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 internal error (a bug: rerun with --debug); 2 bad input or the machine's state "
+    "(no space, no permission); 3 a gate failed (on_fail: stop); 4 the output directory is locked by another run; "
+    "130 interrupted (rerun to resume)."
+)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, epilog=EXIT_CODES)
+# Choices spelled here so that --help needs no torch import; tests/test_runner.py checks them against the library.
+EXPORT_FORMATS = ("onnx", "onnx-ort", "gptq", "gptq_v2", "compressed-tensors")
+DTYPE_CHOICES = ("float16", "bfloat16", "float32")
+BUNDLE_TARGETS = ("orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nx-8gb", "orin-nano-8gb", "x86-gpu")
+JETPACKS = ("6.2", "7.2")
+Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
+    """A str Enum, which typer lists as the option's choices in --help and checks before the command runs."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+ExportFormat = _choices("ExportFormat", EXPORT_FORMATS)
+Dtype = _choices("Dtype", DTYPE_CHOICES)
+BundleTarget = _choices("BundleTarget", BUNDLE_TARGETS)
+JetPack = _choices("JetPack", JETPACKS)
 err = Console(stderr=True, emoji=False)  # ":llama" in tiny:llama is a name, not an emoji code
 out = Console(emoji=False)
 
@@ -122,13 +145,14 @@ def _load(recipe_path: Path, with_model: bool = True):
     return recipe, located, info
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def run(
     recipe: RecipeArg,
     out_dir: Annotated[Path | None, typer.Option("--out", help="override the recipe's output_dir")] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="no progress, step lines or result table: errors and the result only")
     ] = False,
+    as_json: Json = False,
     debug: Debug = False,
 ) -> None:
     """Run every stage of a recipe; rerunning resumes and reuses finished stages. Without a terminal (CI logs)
@@ -147,7 +171,10 @@ def run(
         parsed, located, _ = _load(recipe, with_model=False)  # the runner checks against the model itself
         console = Console(stderr=True, quiet=True, emoji=False) if quiet else err
         report = Runner(parsed, recipe, out_dir, console=console, located=located).run()
-        out.print(f"final artifact: {report['final_artifact']}")
+        if as_json:
+            out.print_json(json.dumps(report, default=str))
+        else:
+            out.print(f"final artifact: {report['final_artifact']}")
 
 
 @contextlib.contextmanager
@@ -166,19 +193,25 @@ def _cluster_lead():
     cluster.leave(True)
 
 
-@app.command()
-def validate(recipe: RecipeArg, debug: Debug = False) -> None:
+@app.command(epilog=EXIT_CODES)
+def validate(recipe: RecipeArg, as_json: Json = False, debug: Debug = False) -> None:
     """Check a recipe, including the checks that need the model's shapes; computes nothing."""
     from dscompress.recipe import compatibility_notes
 
     with handled(debug, every_problem=True):
         parsed, _, info = _load(recipe)
-        for note in compatibility_notes(parsed):
+        notes = compatibility_notes(parsed)
+        if as_json:
+            out.print_json(json.dumps({"ok": True, "recipe": str(recipe), "stages": len(parsed.stages),
+                                       "architecture": info.adapter.model_type, "params": info.n_params,
+                                       "notes": notes}))  # fmt: skip
+            return
+        for note in notes:
             err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
         out.print(f"ok: {recipe}: {len(parsed.stages)} stage(s) on {info.adapter.model_type}, {info.n_params:,} params")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def plan(recipe: RecipeArg, as_json: Annotated[bool, typer.Option("--json")] = False, debug: Debug = False) -> None:
     """Dry run: the stages, estimated peak memory and disk."""
     from dscompress.plan import make_plan
@@ -210,7 +243,7 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:9.1f} MB"
 
 
-@app.command("eval")
+@app.command("eval", epilog=EXIT_CODES)
 def eval_(
     model: Annotated[str, typer.Argument(help="checkpoint dir, .gguf, bundled:... or tiny:...")],
     baseline: Annotated[str | None, typer.Option(help="reference model for KL and top-1")] = None,
@@ -229,21 +262,19 @@ def eval_(
         out.print_json(json.dumps(metrics))
 
 
-@app.command("export")
+@app.command("export", epilog=EXIT_CODES)
 def export_(
     stage: Annotated[Path, typer.Argument(help="a stage directory, e.g. out/run/latest")],
-    fmt: Annotated[str, typer.Option("--format", help="onnx | onnx-ort | gptq | gptq_v2 | compressed-tensors")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="export format")],
     out_dir: Annotated[Path, typer.Option("--out", help="where to write the export")],
-    dtype: Annotated[
-        str, typer.Option(help="packed formats: dtype of the unquantized tensors: float16 | bfloat16 | float32")
-    ] = "float16",
+    dtype: Annotated[Dtype, typer.Option(help="packed formats: dtype of the unquantized tensors")] = Dtype.float16,
     fp16: Annotated[bool, typer.Option("--fp16", help="onnx-ort: float16 weights and compute")] = False,
+    as_json: Json = False,
     debug: Debug = False,
 ) -> None:
     """Export a stage from its stored grid (never re-quantized): ONNX with KV cache, or a packed checkpoint."""
     from dscompress.artifact import check_output, owned_dir
-    from dscompress.errors import DscompressError
-    from dscompress.export.formats import FORMATS, export
+    from dscompress.export.formats import export
     from dscompress.export.onnx_quant import TARGETS
     from dscompress.models.load import DTYPES
     from dscompress.models.sources import check_checkpoint_dir
@@ -252,20 +283,21 @@ def export_(
         check_output(out_dir, "export")  # before any work: never into a folder of someone else's files
         check_checkpoint_dir(stage)
         _quiet_libraries()
-        if fmt in TARGETS:
+        if fmt.value in TARGETS:
             from dscompress.export.stage_export import export_stage
 
             with owned_dir(out_dir, "export") as tmp:
-                meta = export_stage(stage, fmt, tmp, fp16)
-            out.print(f"wrote {out_dir / 'model.onnx'} ({meta['quantization'] or 'float'})")
-            return
-        if fmt not in FORMATS or dtype not in DTYPES:
-            allowed = (*TARGETS, *FORMATS)
-            raise DscompressError(f"--format {fmt!r} / --dtype {dtype!r}: allowed {allowed} / {tuple(DTYPES)}")
-        out.print(f"wrote {export(stage, out_dir, fmt, DTYPES[dtype])}")
+                meta = export_stage(stage, fmt.value, tmp, fp16)
+            result = {"format": fmt.value, "out": str(out_dir), "file": str(out_dir / "model.onnx"), "export": meta}
+        else:
+            result = {"format": fmt.value, "out": str(export(stage, out_dir, fmt.value, DTYPES[dtype.value]))}
+        if as_json:
+            out.print_json(json.dumps(result, default=str))
+        else:
+            out.print(f"wrote {result.get('file', result['out'])}")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def generate(
     model: Annotated[Path, typer.Option("--model", help="an export, a stage directory, bundled:<name> or tiny:<arch>")],
     prompt: Annotated[str, typer.Option(help="the prompt text")] = "The capital of France is",
@@ -282,7 +314,7 @@ def generate(
         err.print(f"prefill {result['prefill_s'] * 1000:.1f} ms, decode {result['decode_ms_per_token']:.2f} ms/token")
 
 
-@app.command("bench")
+@app.command("bench", epilog=EXIT_CODES)
 def bench_(
     models_: Annotated[
         list[Path], typer.Argument(metavar="MODEL...", help="ONNX directories and/or stage directories")
@@ -309,14 +341,12 @@ def bench_(
             )
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def bundle(
     stage: Annotated[Path, typer.Argument(help="a stage directory, e.g. out/run/latest")],
-    target: Annotated[
-        str, typer.Option(help="orin-agx-64gb | orin-agx-32gb | orin-nx-16gb | orin-nx-8gb | orin-nano-8gb | x86-gpu")
-    ],
+    target: Annotated[BundleTarget, typer.Option(help="the deployment device")],
     out_dir: Annotated[Path, typer.Option("--out", help="the bundle directory")],
-    jetpack: Annotated[str | None, typer.Option(help="6.2 | 7.2 (Jetson targets)")] = None,
+    jetpack: Annotated[JetPack | None, typer.Option(help="Jetson targets")] = None,
     max_context: Annotated[int, typer.Option(min=16)] = 2048,
     max_batch: Annotated[int, typer.Option(min=1)] = 1,
     tar: Annotated[bool, typer.Option("--tar", help="also write <out>.tar.gz")] = False,
@@ -339,7 +369,8 @@ def bundle(
         check_checkpoint_dir(stage)
         _quiet_libraries()
         try:
-            spec = TargetSpec(device=target, jetpack=jetpack, max_context=max_context, max_batch=max_batch,
+            spec = TargetSpec(device=target.value, jetpack=jetpack.value if jetpack else None, max_context=max_context,
+                              max_batch=max_batch,
                               opt_context=min(512, max_context))  # fmt: skip
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -351,29 +382,36 @@ def bundle(
         out.print(f"wrote {make_bundle(stage, spec, out_dir, windows, tar)}")
 
 
-@app.command()
-def models() -> None:
+@app.command(epilog=EXIT_CODES)
+def models(as_json: Json = False) -> None:
     """List the bundled real models and the tiny test models, and what is cached."""
     from dscompress.models.bundled import BUNDLED
     from dscompress.models.sources import cache_root
     from dscompress.models.tiny import TINY_ARCHS
 
     root = cache_root() / "models"
-    for name, model in BUNDLED.items():
-        cached = "cached" if (root / name).exists() else "converted on first use"
-        where = f"{model.title} ({model.architecture}), real weights, {cached}"
-        out.print(f"bundled:{name:<28} {where}", soft_wrap=True)
-    for arch in TINY_ARCHS:
-        out.print(f"tiny:{arch:<32} random-init test model")
+    rows = [{"name": f"bundled:{name}", "title": m.title, "architecture": m.architecture, "real_weights": True,
+             "cached": (root / name).exists()} for name, m in BUNDLED.items()]  # fmt: skip
+    rows += [{"name": f"tiny:{a}", "title": "random-init test model", "architecture": a, "real_weights": False,
+              "cached": (root / f"tiny-{a}").exists()} for a in TINY_ARCHS]  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps({"models": rows, "cache": str(root)}))
+        return
+    for r in rows:
+        if r["real_weights"]:
+            cached = "cached" if r["cached"] else "converted on first use"
+            out.print(f"{r['name']:<37} {r['title']} ({r['architecture']}), real weights, {cached}", soft_wrap=True)
+        else:
+            out.print(f"{r['name']:<37} random-init test model")
     out.print(f"cache: {root}")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def schema() -> None:
-    """Print the recipe JSON Schema (for editor autocompletion)."""
-    from dscompress.recipe import Recipe
+    """Print the recipe JSON Schema (draft 2020-12; also shipped as schema/recipe.schema.json for editors)."""
+    from dscompress.recipe import recipe_schema
 
-    sys.stdout.write(json.dumps(Recipe.model_json_schema(), indent=2) + "\n")
+    sys.stdout.write(json.dumps(recipe_schema(), indent=2) + "\n")
 
 
 if __name__ == "__main__":

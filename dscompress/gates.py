@@ -7,14 +7,16 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from dscompress.schema import Strict
 
 
 class PerplexityGate(Strict):
     max_increase_pct: float = Field(ge=0, description="allowed perplexity increase, in percent")
-    relative_to: Literal["baseline", "previous"] = "baseline"
+    relative_to: Literal["baseline", "previous"] = Field(
+        "baseline", description="compare with the baseline or with the previous passing stage"
+    )
 
 
 class KLGate(Strict):
@@ -26,9 +28,13 @@ class Top1Gate(Strict):
 
 
 class Gate(Strict):
-    perplexity: PerplexityGate | None = None
-    kl: KLGate | None = None
-    top1: Top1Gate | None = None
+    model_config = ConfigDict(  # the schema says what _has_a_check enforces
+        extra="forbid",
+        json_schema_extra={"anyOf": [{"required": ["perplexity"]}, {"required": ["kl"]}, {"required": ["top1"]}]},
+    )
+    perplexity: PerplexityGate | None = Field(None, description="maximum perplexity increase, in percent")
+    kl: KLGate | None = Field(None, description="maximum mean KL to the unquantized model, nats/token")
+    top1: Top1Gate | None = Field(None, description="minimum top-1 agreement with the unquantized model (0-1)")
     on_fail: Literal["stop", "skip"] = Field(
         "stop", description="stop: exit with code 3; skip: drop this stage and continue from the previous"
     )

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dscompress.calibrate.spec import DataSpec
 from dscompress.compress.distill.config import DistillConfig
@@ -47,17 +47,29 @@ class OnnxSpec(Strict):
         description="onnx: standard operators, TensorRT Q/DQ rules; onnx-ort: MatMulNBits INT4 for ONNX Runtime",
     )
     fp16: bool = Field(False, description="onnx-ort only: float16 weights and compute")
-    parity: OnnxParity = Field(default_factory=OnnxParity)
+    parity: OnnxParity = Field(
+        default_factory=OnnxParity, description="how far the ONNX Runtime metrics may drift from the torch stage's"
+    )
 
 
 class Stage(Strict):
+    model_config = ConfigDict(  # the schema says what _exactly_one_pass enforces
+        extra="forbid", json_schema_extra={"oneOf": [{"required": [key]} for key in PASS_KEYS]}
+    )
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]*$", description="defaults to the pass key")
-    rtn: RTNConfig | None = None
-    gptq: GPTQConfig | None = None
-    int8: Int8Config | None = None
-    prune: PruneConfig | None = None
-    distill: DistillConfig | None = None
-    gate: Gate | None = None
+    rtn: RTNConfig | None = Field(None, description="round-to-nearest weight quantization (one pass per stage)")
+    gptq: GPTQConfig | None = Field(None, description="GPTQ weight quantization (one pass per stage)")
+    int8: Int8Config | None = Field(
+        None, description="static W8A8 with KL or MinMax calibration, SmoothQuant and fallback (one pass per stage)"
+    )
+    prune: PruneConfig | None = Field(
+        None, description="structured pruning: MLP channels, heads, hidden width, experts, depth (one pass per stage)"
+    )
+    distill: DistillConfig | None = Field(None, description="distillation from a teacher (one pass per stage)")
+    gate: Gate | None = Field(
+        None,
+        description="accuracy thresholds this stage must meet, or the run stops (on_fail: stop) or drops it (skip)",
+    )
     onnx: OnnxSpec | None = Field(None, description="export to ONNX and gate the stage on ONNX Runtime parity")
     save_formats: list[Literal["gptq", "gptq_v2", "compressed-tensors"]] = Field(
         default_factory=list,
@@ -102,14 +114,18 @@ class Stage(Strict):
 class TargetSpec(Strict):
     """Where the result is deployed; checked before any compute (docs/DEPLOY.md)."""
 
-    device: Literal["orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nx-8gb", "orin-nano-8gb", "x86-gpu"]
+    device: Literal["orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nx-8gb", "orin-nano-8gb", "x86-gpu"] = (
+        Field(description="the deployment target device (Jetson Orin module or an x86 GPU)")
+    )
     jetpack: Literal["6.2", "7.2"] | None = Field(None, description="required for Jetson devices")
     max_batch: int = Field(1, ge=1, le=64, description="largest batch the engine is built for")
     max_context: int = Field(2048, ge=16, description="largest past + new tokens the engine is built for")
     opt_context: int = Field(512, ge=1, description="the context TensorRT tunes its kernels for")
     opset: int = Field(21, ge=17, le=23, description="ONNX opset of the exported graph")
     workspace_mib: int = Field(2048, ge=64, description="TensorRT builder workspace limit")
-    builder_optimization_level: int = Field(3, ge=0, le=5)
+    builder_optimization_level: int = Field(
+        3, ge=0, le=5, description="TensorRT builder optimization level (0 fastest build, 5 most search)"
+    )
 
     @model_validator(mode="after")
     def _jetpack_matches_device(self):
@@ -124,13 +140,21 @@ class TargetSpec(Strict):
 
 
 class Recipe(Strict):
-    version: Literal[1] = 1
-    model: ModelSpec
-    data: DataSpec = Field(default_factory=DataSpec)
-    stages: list[Stage] = Field(min_length=1)
+    version: Literal[1] = Field(1, description="recipe format version")
+    model: ModelSpec = Field(description="the model to compress: a path, bundled:<name> or tiny:<arch>")
+    data: DataSpec = Field(
+        default_factory=DataSpec, description="the text and the evaluation, calibration and training splits cut from it"
+    )
+    stages: list[Stage] = Field(
+        min_length=1, description="the passes, in order; each reads the last stage that passed its gate"
+    )
     output_dir: str = Field("out", description="relative paths resolve against the working directory")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(
+        0, description="seed for data order and every random choice; the same seed repeats the run exactly"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where passes run: auto (a GPU when there is one), cpu or cuda"
+    )
     target: TargetSpec | None = Field(None, description="deployment target, checked before any compute")
 
 
@@ -174,6 +198,15 @@ def _describe(error: dict, located: LocatedYaml) -> str:
         return f"{where}: {path}: required key is missing. Fix: add it (see docs/RECIPE.md)"
     msg = re.sub(r"^Value error, ", "", error["msg"])
     return f"{where}: {path}: {shown}: {msg}. Fix: see docs/RECIPE.md for this field"
+
+
+SCHEMA_URL = "https://json-schema.org/draft/2020-12/schema"
+SCHEMA_FILE = "schema/recipe.schema.json"  # shipped in the repository; tests/test_recipe.py keeps it in sync
+
+
+def recipe_schema() -> dict:
+    """The recipe's JSON Schema (draft 2020-12): every key described, one pass per stage, a metric per gate."""
+    return {"$schema": SCHEMA_URL, **Recipe.model_json_schema()}
 
 
 def compatibility_notes(recipe: Recipe) -> list[str]:

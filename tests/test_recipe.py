@@ -108,6 +108,42 @@ def test_schema_round_trips(tmp_path):
     assert Recipe.model_validate_json(recipe.model_dump_json()) == recipe
 
 
+def _schema_properties(schema: dict):
+    yield "Recipe", schema
+    yield from schema["$defs"].items()
+
+
+def test_shipped_schema_is_current_and_describes_every_key():
+    from pathlib import Path
+
+    from dscompress.recipe import SCHEMA_FILE, recipe_schema
+
+    shipped = json.loads((Path(__file__).resolve().parents[1] / SCHEMA_FILE).read_text())
+    assert shipped == recipe_schema(), "schema/recipe.schema.json is stale: dscompress schema > " + SCHEMA_FILE
+    missing = [f"{name}.{key}" for name, node in _schema_properties(shipped)
+               for key, prop in (node.get("properties") or {}).items() if not prop.get("description")]  # fmt: skip
+    assert not missing, missing
+    assert shipped["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+def test_schema_encodes_one_pass_per_stage_and_a_metric_per_gate():
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+
+    from dscompress.recipe import recipe_schema
+
+    validator = jsonschema.Draft202012Validator(recipe_schema())
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted((root / "recipes").glob("*.yaml")):  # every shipped recipe is valid under the schema
+        assert not list(validator.iter_errors(yaml.safe_load(f.read_text()))), f
+    base = {"model": {"path": "tiny:llama"}}
+    for bad in ([{"rtn": {}, "gptq": {}}], [{"gate": {"kl": {"max": 1}}}], [{"rtn": {}, "gate": {"on_fail": "skip"}}]):
+        assert list(validator.iter_errors({**base, "stages": bad})), bad
+    assert not list(validator.iter_errors({**base, "stages": [{"rtn": {}, "gate": {"kl": {"max": 1}}}]}))
+
+
 def test_shipped_recipes_parse():
     from pathlib import Path
 

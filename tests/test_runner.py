@@ -179,3 +179,38 @@ def test_plan_predicts_params_and_checkpoint_size(tmp_path):
     assert plan["params"] == sum(p.numel() for p in model.parameters())
     stored = sum((stage / f).stat().st_size for f in ("model.safetensors", "quantization.safetensors"))
     assert abs(plan["stages"][0]["checkpoint_bytes"] - stored) < 0.02 * stored
+
+
+def test_cli_choices_match_the_library_and_help_lists_exit_codes():
+    import typing
+
+    from dscompress import cli as app_module
+    from dscompress.export.formats import FORMATS
+    from dscompress.export.onnx_quant import TARGETS
+    from dscompress.export.targets import JETPACKS
+    from dscompress.models.load import DTYPES
+    from dscompress.recipe import TargetSpec
+
+    assert (*TARGETS, *FORMATS) == app_module.EXPORT_FORMATS and set(DTYPES) == set(app_module.DTYPE_CHOICES)
+    assert typing.get_args(TargetSpec.model_fields["device"].annotation) == app_module.BUNDLE_TARGETS
+    assert set(app_module.JETPACKS) == set(JETPACKS)
+    for command in ("run", "export", "bundle", "eval", "generate"):
+        result = cli(command, "--help")
+        text = " ".join(result.stdout.replace("│", " ").split())
+        assert "Exit codes: 0 success" in text and "130 interrupted" in text, (command, result.stdout)
+    refused = cli_here("export", "x", "--format", "tflite", "--out", "y")
+    assert refused.returncode == EXIT_BAD_INPUT and "tflite" in refused.stderr + refused.stdout
+
+
+def test_json_output_of_validate_models_run_and_export(tmp_path):
+    recipe = tiny_recipe(tmp_path / "r.yaml")
+    checked = json.loads(cli_here("validate", str(recipe), "--json").stdout)
+    assert checked["ok"] and checked["architecture"] == "llama" and checked["notes"] == []
+    listed = json.loads(cli_here("models", "--json").stdout)
+    assert {"bundled:smollm2-135m-instruct", "tiny:llama"} <= {m["name"] for m in listed["models"]}
+    ran = cli_here("run", str(recipe), "--out", str(tmp_path / "out"), "--json", "-q")
+    report = json.loads(ran.stdout)
+    assert report == json.loads((tmp_path / "out" / "report.json").read_text())
+    exported = cli_here("export", str(tmp_path / "out" / "latest"), "--format", "gptq", "--out", str(tmp_path / "e"),
+                        "--json")  # fmt: skip
+    assert json.loads(exported.stdout) == {"format": "gptq", "out": str(tmp_path / "e")}

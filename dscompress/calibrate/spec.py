@@ -18,9 +18,9 @@ class SplitSpec(Strict):
 
 
 class Fractions(Strict):
-    eval: float = Field(0.2, gt=0, lt=1)
-    calibration: float = Field(0.35, gt=0, lt=1)
-    train: float = Field(0.45, gt=0, lt=1)
+    eval: float = Field(0.2, gt=0, lt=1, description="share of the corpus's windows for evaluation")
+    calibration: float = Field(0.35, gt=0, lt=1, description="share of the corpus's windows for calibration")
+    train: float = Field(0.45, gt=0, lt=1, description="share of the corpus's windows for distillation training")
 
     @model_validator(mode="after")
     def _sum_to_one(self):
@@ -39,9 +39,17 @@ class DataSpec(Strict):
     )
     text_field: str = Field("text", description="the key holding the text in each .jsonl line")
     fractions: Fractions = Field(default_factory=Fractions, description="share of blocks in each split")
-    eval: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=16, seq_len=512))
-    calibration: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=64, seq_len=512))
-    train: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=64, seq_len=512))
+    eval: SplitSpec = Field(
+        default_factory=lambda: SplitSpec(samples=16, seq_len=512),
+        description="held-out windows every stage is scored on (perplexity, KL, top-1)",
+    )
+    calibration: SplitSpec = Field(
+        default_factory=lambda: SplitSpec(samples=64, seq_len=512),
+        description="windows the quantizers calibrate on (GPTQ Hessians, INT8 ranges)",
+    )
+    train: SplitSpec = Field(
+        default_factory=lambda: SplitSpec(samples=64, seq_len=512), description="windows distillation trains on"
+    )
     batch_size: int = Field(4, ge=1, description="windows per forward pass during evaluation")
 
     @model_validator(mode="after")

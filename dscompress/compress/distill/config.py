@@ -24,8 +24,10 @@ class Budget(BaseModel):
 class HiddenLoss(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layers: list[int] = Field(min_length=1, description="student decoder layers whose outputs are matched")
-    loss: Literal["mse", "cosine"] = "cosine"
-    weight: float = Field(1.0, gt=0)
+    loss: Literal["mse", "cosine"] = Field(
+        "cosine", description="mse or cosine distance between matched student and teacher hidden states"
+    )
+    weight: float = Field(1.0, gt=0, description="weight of the hidden-state loss beside the logit KL")
 
 
 class DistillConfig(BaseModel):
@@ -33,23 +35,26 @@ class DistillConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     teacher: str = Field("baseline", description="'baseline', an earlier stage's name, or a checkpoint path")
-    budget: Budget
-    temperature: float = Field(1.0, gt=0)
+    budget: Budget = Field(description="how much to train: tokens, steps or minutes")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the logit KL")
     ce_weight: float = Field(0.0, ge=0, le=1, description="loss = (1 - w) * KL + w * cross-entropy")
-    hidden: HiddenLoss | None = None
-    lr: float = Field(1e-4, gt=0)
+    hidden: HiddenLoss | None = Field(None, description="also match hidden states layer by layer (optional)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW, cosine schedule after warmup)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr * this")
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     batch_size: int = Field(8, ge=1, description="windows per optimizer step, across all devices")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (batch_size is split)")
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     eval_every: int = Field(50, ge=1, description="optimizer steps between evaluations (gate checks)")
-    stop_when_gate_met: bool = True
+    stop_when_gate_met: bool = Field(True, description="stop early once an evaluation meets the stage gate")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU")
     devices: int | Literal["auto"] = Field(1, description="processes (GPUs); auto: every visible GPU")
-    quantized: Literal["ste", "requantize"] = "ste"
+    quantized: Literal["ste", "requantize"] = Field(
+        "ste",
+        description="quantized students: ste keeps weights on their grid; requantize re-quantizes at the end",
+    )
     teacher_topk: int | None = Field(None, ge=1, description="precompute the teacher's top-k log-probs to disk")
 
     @model_validator(mode="after")

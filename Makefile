@@ -1,13 +1,16 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# CPU-only machines on a plain PyPI index: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (PyPI's Linux torch is the CUDA build, with about 15 nvidia-* wheels; CI's index already serves the CPU build)
+TORCH_INDEX ?=
 
 .PHONY: install install-models test test-all test-fast lint format bench schema clean
 
 install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[dev,onnx]"
 	$(MAKE) install-models
 	$(BIN)/dscompress --version

@@ -44,8 +44,10 @@ ExportFormat = _choices("ExportFormat", EXPORT_FORMATS)
 Dtype = _choices("Dtype", DTYPE_CHOICES)
 BundleTarget = _choices("BundleTarget", BUNDLE_TARGETS)
 JetPack = _choices("JetPack", JETPACKS)
-err = Console(stderr=True, emoji=False)  # ":llama" in tiny:llama is a name, not an emoji code
-out = Console(emoji=False)
+# ":llama" in tiny:llama is a name, not an emoji code. Piped (a CI log, a file), rich would hard-wrap at 80
+# columns; a wide virtual width keeps each line whole (tables still size to their content).
+err = Console(stderr=True, emoji=False, width=None if sys.stderr.isatty() else 200)
+out = Console(emoji=False, width=None if sys.stdout.isatty() else 200)
 
 Debug = Annotated[bool, typer.Option("--debug", help="show full tracebacks")]
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file")]

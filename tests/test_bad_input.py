@@ -176,3 +176,11 @@ def test_nan_weights_never_reach_a_gate(tmp_path):
     out = tmp_path / "out"
     assert_refused(cli_here("run", str(tiny_recipe(tmp_path / "r.yaml", model=str(ck))), "--out", str(out)), "NaN/Inf")
     assert not (out / "latest").exists() and torch.isinf(load_file(ck / "model.safetensors")["model.norm.weight"]).all()
+
+
+def test_a_hub_id_gets_the_offline_fetch_hint(tmp_path):
+    result = cli_here(
+        "run", str(tiny_recipe(tmp_path / "r.yaml", model="Qwen/Qwen3-0.6B")), "--out", str(tmp_path / "o")
+    )
+    assert_refused(result, "huggingface-cli download Qwen/Qwen3-0.6B --local-dir DIR")
+    assert not (tmp_path / "o").exists()

@@ -20,3 +20,12 @@ def test_quiet_run_prints_only_the_result(tmp_path):
     result = cli("run", str(tiny_recipe(tmp_path / "r.yaml")), "--out", str(tmp_path / "out"), "-q")
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
     assert result.stdout.startswith("final artifact:")
+
+
+def test_piped_output_is_not_hard_wrapped(tmp_path):
+    deep = tmp_path / ("a-rather-long-folder-name-" * 3)
+    deep.mkdir()
+    recipe = tiny_recipe(deep / "recipe-with-a-long-name.yaml", model="/no/such/checkpoint/anywhere/at/all")
+    result = cli("validate", str(recipe))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and len(errors[0]) > 100 and errors[0].rstrip().endswith("`dscompress models`)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -194,6 +195,12 @@ def resolve(path: str, on_step=None) -> ResolvedModel:
             check_checkpoint_dir(_cached(cache_root() / "models" / f"tiny-{arch}", build, on_step)), path
         )
     local = Path(path).expanduser()
+    if not local.exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path):
+        raise ModelSourceError(
+            f"{path}: no such local path; if it is a Hugging Face hub id: dscompress never downloads. Fix: on "
+            f"a connected machine run `huggingface-cli download {path} --local-dir DIR`, bring DIR here and set "
+            "model.path to it (or use bundled:<name>, see `dscompress models`)"
+        )
     if not local.exists():
         raise ModelSourceError(
             f"{path}: model path not found. Fix: give a checkpoint directory, a .gguf file, "

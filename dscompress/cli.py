@@ -154,6 +154,9 @@ def run(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="no progress, step lines or result table: errors and the result only")
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="also the libraries' own warnings and progress bars (transformers)")
+    ] = False,
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
@@ -169,7 +172,8 @@ def run(
                 cluster.serve()
             return
     with handled(debug), _cluster_lead():
-        _quiet_libraries()
+        if not verbose:
+            _quiet_libraries()
         parsed, located, _ = _load(recipe, with_model=False)  # the runner checks against the model itself
         console = Console(stderr=True, quiet=True, emoji=False) if quiet else err
         report = Runner(parsed, recipe, out_dir, console=console, located=located).run()

@@ -15,10 +15,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from dscompress.calibrate.metrics import BaselineRef, evaluate
 from dscompress.gates import Gate, check_gate
@@ -32,6 +34,16 @@ HEARTBEAT_S = 30.0  # without a terminal (CI logs), a progress line at least thi
 EVERY_ITEM_UP_TO = 200  # ... and one per item for loops this short (layers, stages)
 
 
+class RateColumn(ProgressColumn):
+    """Items per second (or seconds per item, for slow steps such as GPTQ's decoder layers)."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        if not speed:
+            return Text("")
+        return Text(f"{speed:.2f}/s" if speed >= 1 else f"{1 / speed:.1f} s/it", style="dim")
+
+
 def make_progress(console: Console) -> Progress:
     """Bars with count, elapsed time, rate and ETA on a terminal. Without one (a CI log, a pipe) rich draws
     nothing, so `tracked` and `spinner` print timestamped lines instead."""
@@ -40,6 +52,7 @@ def make_progress(console: Console) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        RateColumn(),
         TextColumn("[dim]ETA[/dim]"),
         TimeRemainingColumn(),
         console=console,

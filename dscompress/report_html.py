@@ -65,8 +65,9 @@ def scatter(chart: str, title: str, x_label: str, y_label: str, points: list[tup
     return _frame(title, x_label, y_label, "".join(marks), x_rng, y_rng, chart)
 
 
-def bars(chart: str, title: str, x_label: str, y_label: str, values: list[tuple[str, float]]) -> str:
-    """One bar per (label, value), in order."""
+def bars(chart: str, title: str, x_label: str, y_label: str, values: list[tuple[str, float]],
+         marked: frozenset = frozenset()) -> str:  # fmt: skip
+    """One bar per (label, value), in order; labels in `marked` are drawn in the second color."""
     values = [(label, v) for label, v in values if v is not None]
     if not values:
         return ""
@@ -78,7 +79,8 @@ def bars(chart: str, title: str, x_label: str, y_label: str, values: list[tuple[
         marks.append(
             f'<rect x="{LEFT + i * step + 1:.1f}" y="{H - PAD - h:.1f}" width="{max(step - 2, 1):.1f}" '
             f'height="{h:.1f}" '
-            f'fill="{COLORS[0]}" data-label="{escape(label)}" data-x="{i}" data-y="{v!r}">'
+            f'fill="{COLORS[1] if label in marked else COLORS[0]}" data-label="{escape(label)}" data-x="{i}" '
+            f'data-y="{v!r}">'
             f"<title>{escape(label)}: {v:.4g}</title></rect>"
         )
     every = max(1, len(values) // 12)  # at most about 12 category labels
@@ -162,6 +164,11 @@ def _stage_charts(s: dict) -> str:
         values = [(f"layer {i}", float(len(kept))) for i, kept in enumerate(per_layer)]
         out.append(bars(f"prune-{kind}-{s['dir']}", f"{s['dir']}: kept {kind} per layer", "layer", f"{kind} kept",
                         values))  # fmt: skip
+    if summary.get("sensitivity_kl"):
+        fallback = frozenset(summary.get("fallback_sites") or ())
+        out.append(bars(f"int8-{s['dir']}", f"{s['dir']}: KL when only this site's activations are INT8 "
+                        f"(red: kept in float, {len(fallback)} of {len(summary['sensitivity_kl'])})", "site",
+                        "KL (nats/token)", list(summary["sensitivity_kl"].items()), fallback))  # fmt: skip
     history = summary.get("history") or []
     curves = {k: [(h["tokens"], h[k]) for h in history if h.get(k) is not None] for k in ("kl", "loss")}
     if any(curves.values()):

@@ -92,3 +92,16 @@ def test_prune_and_distill_charts_match_report_json(tmp_path):
     history = report["stages"][2]["summary"]["history"]
     curve = [m for m in found["distill-2-distill"] if m[0] == "kl"]
     assert _same(curve, [("kl", h["tokens"], h["kl"]) for h in history]) and len(curve) >= 3
+
+
+def test_int8_sensitivity_and_fallback_chart_matches_report_json(tmp_path):
+    stages = "  - int8: {calibration: minmax, fallback: auto}\n    gate: {kl: {max: 0.002}, on_fail: skip}"
+    out = tmp_path / "out"
+    dscompress.run(tiny_recipe(tmp_path / "r.yaml", stages=stages), out)
+    report = json.loads((out / "report.json").read_text())
+    summary = report["stages"][1]["summary"]
+    marks = charts(out)["int8-1-int8"]
+    assert {label: y for label, _, y in marks} == pytest.approx(summary["sensitivity_kl"])  # json sorts the keys
+    assert len(marks) == summary["sites"] > 0
+    html = (out / "report.html").read_text()
+    assert f"{len(summary['fallback_sites'])} of {summary['sites']}" in html

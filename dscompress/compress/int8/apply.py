@@ -289,6 +289,7 @@ def apply(model: torch.nn.Module, config: Int8Config, ctx: StageContext) -> Pass
     _record(state, sites, set(fallback), thresholds, sens, config)
     stats.update(
         sites=len(sites), fallback_sites=fallback, w8a8_linear_flops_share=w8a8_share(model, adapter, aq.enabled),
+        sensitivity_kl={s.name: sens[s.name] for s in sites if s.name in sens},  # report.html charts it
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         calibration_tokens=int(ctx.calibration().numel()),
     )  # fmt: skip

@@ -21,7 +21,7 @@ LAYERS = [
     ("compress", "export"),
     ("registry",),
     ("recipe",),
-    ("runner", "plan", "report", "evaluate"),
+    ("runner", "plan", "report", "report_html", "evaluate"),
     ("cli", ""),  # "" is the package root (dscompress.run)
 ]
 

@@ -232,3 +232,39 @@ def test_interrupted_resume_cleanup_is_finished_by_the_next_run(tmp_path):
     (renamed / "block-0").mkdir(parents=True)
     dscompress.run(recipe, out)
     assert not half_deleted.exists() and not renamed.exists()
+
+
+def _kill_when(cmd: list[str], parent: Path, pattern: str) -> None:
+    """Start `cmd`, SIGKILL it once a file matching `pattern` exists under `parent` (a temporary being written)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not [p for p in parent.glob(pattern) if p.is_file()] and time.time() < deadline:
+        assert proc.poll() is None, "finished before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "pattern"),
+    [
+        ("export", ["--format", "onnx-ort"], ".tmp-e.*/model.onnx*"),
+        ("export", ["--format", "gptq"], ".tmp-e.*/*.safetensors"),
+        ("bundle", ["--target", "x86-gpu"], ".tmp-e.*/model.onnx*"),
+    ],
+)
+def test_sigkilled_export_and_bundle_leave_nothing_finished_and_rerun_to_identical_bytes(
+    tmp_path, stage, command, extra, pattern
+):
+    base = [sys.executable, "-m", "dscompress.cli", command, str(stage)]
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    assert subprocess.run([*base, "--out", str(clean / "e"), *extra], cwd=REPO, capture_output=True).returncode == 0
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    _kill_when([*base, "--out", str(killed / "e"), *extra], killed, pattern)
+    assert not (killed / "e").exists()  # nothing under the final name: only a temporary
+    rerun = subprocess.run([*base, "--out", str(killed / "e"), *extra], cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert [p.name for p in killed.iterdir()] == ["e"]  # the killed writer's temporary is gone
+    assert snapshot(killed / "e") == snapshot(clean / "e")  # byte for byte what an uninterrupted run writes

@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dscompress.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, DscompressError
 from dscompress.version import __version__
@@ -73,7 +74,7 @@ def handled(debug: bool, every_problem: bool = False):
             err.print_exception()
         lines = getattr(exc, "all_messages", None) if every_problem else None
         for line in lines or [str(exc)]:
-            err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)  # text, not markup
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted; rerun the same command to resume")
@@ -84,7 +85,7 @@ def handled(debug: bool, every_problem: bool = False):
         if debug:
             err.print_exception()
         where = f"{exc.filename}: " if exc.filename else ""
-        err.print(f"[red]error:[/red] {where}{exc.strerror}. Fix: {ENVIRONMENT_ERRNOS[exc.errno]}",
+        err.print(f"[red]error:[/red] {escape(where)}{exc.strerror}. Fix: {ENVIRONMENT_ERRNOS[exc.errno]}",
                   highlight=False, soft_wrap=True)  # fmt: skip
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except Exception as exc:
@@ -213,7 +214,7 @@ def validate(recipe: RecipeArg, as_json: Json = False, debug: Debug = False) -> 
                                        "notes": notes}))  # fmt: skip
             return
         for note in notes:
-            err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
         out.print(f"ok: {recipe}: {len(parsed.stages)} stage(s) on {info.adapter.model_type}, {info.n_params:,} params")
 
 

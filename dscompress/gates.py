@@ -120,20 +120,21 @@ class OnnxParity(Strict):
 def parity_verdicts(label: str, ort: dict, torch_metrics: dict, tolerance: OnnxParity) -> list[Verdict]:
     """The exported model (in the runtime it targets) against the torch stage, on the same windows."""
     ppl_diff = abs(ort["perplexity"] / torch_metrics["perplexity"] - 1.0) * 100.0
+    shown = f"{label} ({ort['session']})" if ort.get("session") else label
     kl_diff, top1_diff = abs(ort["kl"] - torch_metrics["kl"]), abs(ort["top1"] - torch_metrics["top1"])
     return [
         _at_most(
             f"onnx:{label}:perplexity", ppl_diff, tolerance.max_perplexity_diff_pct,
-            f"{label}: ORT perplexity {ort['perplexity']:.4f} vs torch {torch_metrics['perplexity']:.4f}"
+            f"{shown}: ORT perplexity {ort['perplexity']:.4f} vs torch {torch_metrics['perplexity']:.4f}"
             f" ({ppl_diff:.3f}%, max {tolerance.max_perplexity_diff_pct:g}%)",
         ),
         _at_most(
             f"onnx:{label}:kl", kl_diff, tolerance.max_kl_diff,
-            f"{label}: ORT KL {ort['kl']:.5f} vs torch {torch_metrics['kl']:.5f} (max diff {tolerance.max_kl_diff:g})",
+            f"{shown}: ORT KL {ort['kl']:.5f} vs torch {torch_metrics['kl']:.5f} (max diff {tolerance.max_kl_diff:g})",
         ),
         _at_most(
             f"onnx:{label}:top1", top1_diff, tolerance.max_top1_diff,
-            f"{label}: ORT top-1 {ort['top1']:.4f} vs torch {torch_metrics['top1']:.4f}"
+            f"{shown}: ORT top-1 {ort['top1']:.4f} vs torch {torch_metrics['top1']:.4f}"
             f" (max diff {tolerance.max_top1_diff:g})",
         ),
     ]  # fmt: skip

@@ -7,6 +7,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from rich.console import Console
+from rich.markup import escape as escape_markup
 from rich.table import Table
 
 from dscompress.atomic import atomic_write_json, atomic_write_text
@@ -121,4 +122,4 @@ def print_table(console: Console, report: dict) -> None:
     for s in report["stages"]:
         for v in s.get("verdicts", []):
             if not v["passed"]:
-                console.print(f"[red]gate failed[/red] {s['dir']}: {v['detail']}")
+                console.print(f"[red]gate failed[/red] {s['dir']}: {escape_markup(v['detail'])}")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from safetensors.torch import save_file
 
 from dscompress.artifact import (
@@ -138,7 +139,7 @@ class Runner:
     def _prepare(self) -> Path:
         """Resolve the model, check the recipe against its shapes, and cut the data windows stages need."""
         for note in compatibility_notes(self.recipe):
-            self.console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+            self.console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
         model = self.recipe.model
         with self.console.status(f"resolving {model.path} (a GGUF or packed checkpoint converts once)"):
             source = resolve(model.path, on_step=self._step).directory
@@ -150,7 +151,7 @@ class Runner:
         return source
 
     def _step(self, message: str) -> None:
-        self.console.print(f"[dim]{time.strftime('%H:%M:%S')} {message}[/dim]", highlight=False)
+        self.console.print(f"[dim]{time.strftime('%H:%M:%S')} {escape(message)}[/dim]", highlight=False)
 
     def _base_report(self) -> dict:
         spec = self.recipe.data
@@ -183,7 +184,7 @@ class Runner:
             failed = "; ".join(v["detail"] for v in record.verdicts if not v["passed"])
             if stage.gate and stage.gate.on_fail == "skip":
                 record.status = "skipped"
-                self.console.print(f"[yellow]gate failed, stage skipped[/yellow] {record.dir}: {failed}")
+                self.console.print(f"[yellow]gate failed, stage skipped[/yellow] {record.dir}: {escape(failed)}")
                 continue
             record.status = "failed"
             raise GateFailed(

@@ -134,14 +134,29 @@ def ort_fusions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     return model, stats
 
 
+# What each target's gate measures: the runtime it deploys on. `onnx` is for TensorRT, whose INT8 arithmetic is
+# the graph's Q/DQ taken literally (ONNX Runtime with Q/DQ fusion off computes the same); `onnx-ort` is for ONNX
+# Runtime itself, with its default session (Q/DQ pairs fused into its integer kernels).
+DEPLOYS_ON = {"onnx": "exact Q/DQ, as TensorRT computes it", "onnx-ort": "default ONNX Runtime session"}
+
+
 def parity(
     stage: Path, onnx_dir: Path, windows, ref, torch_metrics: dict, tolerance, batch_size: int
 ) -> tuple[dict, list[Verdict]]:
-    """ONNX Runtime's metrics on the evaluation windows and the verdicts against `tolerance` (gates.OnnxParity)."""
-    lm = OrtLM(onnx_dir)
+    """ONNX Runtime's metrics on the evaluation windows, in the session the target deploys on (DEPLOYS_ON), and the
+    verdicts against `tolerance` (gates.OnnxParity). A quantized `onnx` export also reports what a default ORT
+    session computes on the same graph (`default_session`), which is what ORT applications would see."""
+    target = json.loads((onnx_dir / "export.json").read_text())["target"]
+    exact = target == "onnx"
+    lm = OrtLM(onnx_dir, exact_qdq=exact)
     metrics = evaluate(lm, windows, ref, batch_size, torch.device("cpu"))
+    metrics["session"] = DEPLOYS_ON[target]
+    quantized = QuantState.load(stage) is not None
+    if exact and quantized:
+        default = evaluate(OrtLM(onnx_dir, exact_qdq=False), windows, ref, batch_size, torch.device("cpu"))
+        metrics["default_session"] = default | {"session": DEPLOYS_ON["onnx-ort"], "gated": False}
     verdicts = parity_verdicts(onnx_dir.name, metrics, torch_metrics, tolerance)
-    if not QuantState.load(stage) and tolerance.greedy_prompts:
+    if not quantized and tolerance.greedy_prompts:
         metrics["greedy"] = _greedy_check(stage, lm, windows, tolerance)
         verdicts.append(greedy_verdict(onnx_dir.name, metrics["greedy"], tolerance))
     return metrics, verdicts

@@ -88,10 +88,15 @@ def test_zero_tolerance_on_int4_fails_the_parity_gate_and_keeps_the_previous(tmp
     out = tmp_path / "out"
     result = cli("run", str(tiny_recipe(tmp_path / "r.yaml", "tiny:llama", stages)), "--out", str(out))
     assert result.returncode == EXIT_GATE_FAILED, result.stderr
-    assert "onnx: ORT perplexity" in result.stderr and "kept 1-rtn" in result.stderr
+    assert "onnx (exact Q/DQ, as TensorRT computes it): ORT perplexity" in result.stderr
+    assert "kept 1-rtn" in result.stderr
     assert (out / "latest").resolve().name == "1-rtn"
     report = json.loads((out / "report.json").read_text())
     assert report["stages"][2]["status"] == "failed"
+    metrics = report["stages"][2]["onnx"]["onnx"]["metrics"]  # the gate's session, and the default one beside it
+    assert metrics["session"] == "exact Q/DQ, as TensorRT computes it"
+    assert metrics["default_session"]["session"] == "default ONNX Runtime session"
+    assert metrics["default_session"]["gated"] is False and metrics["default_session"]["perplexity"] > 0
 
 
 def test_unknown_target_is_an_error(tmp_path):

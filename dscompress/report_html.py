@@ -160,6 +160,10 @@ def _stage_charts(s: dict) -> str:
         values = [(f"layer {i}", v) for i, v in enumerate(summary["layer_loss"])]
         out.append(bars(f"gptq-{s['dir']}", f"{s['dir']}: GPTQ loss per decoder layer", "decoder layer",
                         "sum (w - q)^2 / Hinv_cc^2", values))  # fmt: skip
+    if summary.get("sizes"):  # uniform widths (every layer the same): a table, not a chart
+        cells = "".join(f"<tr><th>{escape(k)}</th><td>{v}</td></tr>" for k, v in summary["sizes"].items())
+        caption = f"{s['dir']}: widths after pruning ({summary.get('removed_pct', 0):.1f}% of parameters removed)"
+        out.append(f'<figure><table class="meta">{cells}</table><figcaption>{escape(caption)}</figcaption></figure>')
     for kind, per_layer in (summary.get("kept") or {}).items():
         values = [(f"layer {i}", float(len(kept))) for i, kept in enumerate(per_layer)]
         out.append(bars(f"prune-{kind}-{s['dir']}", f"{s['dir']}: kept {kind} per layer", "layer", f"{kind} kept",

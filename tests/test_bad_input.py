@@ -106,11 +106,19 @@ def test_validate_and_plan_refuse_broken_checkpoints(broken, tmp_path, command):
     assert_refused(cli_here(command, str(tiny_recipe(tmp_path / "r.yaml", model=str(ck)))), needle)
 
 
-@pytest.mark.parametrize("broken", ["config not JSON", "truncated weights", "NaN weights"], indirect=True)
+@pytest.mark.parametrize("broken", [k for k in BROKEN if k != "tokenizer broken"], indirect=True)
 def test_export_refuses_broken_stages_and_writes_nothing(broken, tmp_path):
-    ck, needle = broken
+    ck, needle = broken  # an ONNX export copies the tokenizer files but never reads them
     out = tmp_path / "e"
     assert_refused(cli_here("export", str(ck), "--format", "onnx-ort", "--out", str(out)), needle, out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("broken", list(BROKEN), indirect=True)
+def test_bundle_refuses_broken_stages_and_writes_nothing(broken, tmp_path):
+    ck, needle = broken
+    out = tmp_path / "b"
+    assert_refused(cli_here("bundle", str(ck), "--target", "x86-gpu", "--out", str(out)), needle, out)
     assert not out.exists()
 
 

@@ -111,10 +111,15 @@ def test_asymmetric_int4_onnx_export_refuses_at_once_and_writes_nothing(tmp_path
 
 
 # ---- the source checkpoint and the model cache ---------------------------------------------------------------
-def test_corrupting_a_stage_never_changes_the_cache(tmp_path, model_cache):
+@pytest.mark.parametrize(
+    ("model", "entry"),
+    [("tiny:llama", "tiny-llama"),
+     pytest.param("bundled:smollm2-135m-instruct", "smollm2-135m-instruct", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_corrupting_a_stage_never_changes_the_cache(tmp_path, model_cache, model, entry):
     out = tmp_path / "out"
-    dscompress.run(tiny_recipe(tmp_path / "r.yaml"), out)
-    cached = model_cache / "models" / "tiny-llama"
+    dscompress.run(tiny_recipe(tmp_path / "r.yaml", model=model), out)
+    cached = model_cache / "models" / entry
     before = snapshot(cached)
     with open(out / "0-baseline" / "model.safetensors", "r+b") as fh:  # as root, permissions would not stop it
         fh.seek(-8, os.SEEK_END)
@@ -209,16 +214,22 @@ def test_ctrl_c_during_the_baseline_exits_130_and_the_rerun_resumes(tmp_path):
     assert cli("run", str(recipe), "--out", str(out)).returncode == 0
 
 
-def test_a_full_disk_is_exit_2_with_the_os_reason_and_no_partial_stage(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("code", "fix"), [(errno.ENOSPC, "free disk space"), (errno.EACCES, "choose a location you may write to")]
+)
+def test_a_full_disk_or_unwritable_folder_is_exit_2_with_the_os_reason_and_no_partial_stage(
+    tmp_path, monkeypatch, code, fix
+):
+    """Simulated where the baseline is written (as root, permissions cannot make a folder unwritable here)."""
     import dscompress.runner
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "0-baseline"))
+    def fails(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / "out" / "0-baseline"))
 
-    monkeypatch.setattr(dscompress.runner, "compute_baseline", full)
+    monkeypatch.setattr(dscompress.runner, "compute_baseline", fails)
     result = cli_here("run", str(tiny_recipe(tmp_path / "r.yaml")), "--out", str(tmp_path / "out"))
     assert result.returncode == EXIT_BAD_INPUT
-    one_line_error(result, "No space left on device", "free disk space")
+    one_line_error(result, os.strerror(code), fix)
     left = {p.name for p in (tmp_path / "out").iterdir()}
     assert left == {".dscompress-owner", ".lock", "junit.xml", "report.json", "report.md", "report.html"}  # no stage
 

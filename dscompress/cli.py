@@ -110,7 +110,8 @@ def raise_internal(exc: Exception, debug: bool):
         err.print_exception()
     else:
         first = (str(exc).splitlines() or [""])[0]
-        err.print(f"[red]internal error:[/red] {type(exc).__name__}: {first} (rerun with --debug)", soft_wrap=True)
+        err.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(first)} (rerun with --debug)",
+                  soft_wrap=True)  # fmt: skip
     raise typer.Exit(EXIT_INTERNAL) from None
 
 
@@ -166,12 +167,10 @@ def run(
     from dscompress.compress import cluster
     from dscompress.runner import Runner
 
-    if cluster.launched():  # one of several ranks started by torchrun: join its group (compress/cluster.py)
-        member = cluster.join()
-        if member.rank != 0:
-            with handled(debug):
-                cluster.serve()
-            return
+    if cluster.launched() and cluster.join() != 0:  # a follower rank under torchrun (compress/cluster.py)
+        with handled(debug):
+            cluster.serve()
+        return
     with handled(debug), _cluster_lead():
         if not verbose:
             _quiet_libraries()

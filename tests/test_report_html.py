@@ -63,7 +63,7 @@ stages:
 """,
     )
     out = tmp_path / "out"
-    report = dscompress.run(recipe, out)
+    dscompress.run(recipe, out)
     report = json.loads((out / "report.json").read_text())
     base, int8, w4 = report["stages"]
     n_params = 134_515_008  # SmolLM2-135M, tied embeddings counted once, float32

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -36,13 +35,6 @@ def launched() -> bool:
     return all(k in env for k in LAUNCHER_ENV) and int(env["WORLD_SIZE"]) > 1 and WORKER_ENV not in env
 
 
-@dataclass(frozen=True)
-class Member:
-    rank: int
-    world: int
-    device: torch.device
-
-
 def device() -> torch.device:
     """This rank's device: its LOCAL_RANK's GPU where there are GPUs, else the CPU."""
     if torch.cuda.is_available():
@@ -50,7 +42,8 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def join() -> Member:
+def join() -> int:
+    """Join the launcher's group on this rank's device; returns the rank."""
     import torch.distributed as dist
 
     here = device()
@@ -58,7 +51,7 @@ def join() -> Member:
         torch.cuda.set_device(here)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if here.type == "cuda" else "gloo", timeout=WAIT)
-    return Member(dist.get_rank(), dist.get_world_size(), here)
+    return dist.get_rank()
 
 
 def send(message: dict | None) -> None:

@@ -25,7 +25,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from dscompress.export.onnx import ExportError
+from dscompress.export.onnx import OPSET, OPSET_INT4, ExportError
 from dscompress.quant.qstate import QuantState
 
 TARGETS = ("onnx", "onnx-ort")
@@ -158,12 +158,27 @@ def _without_dead_transposes(nodes: list, graph) -> list:
     return [n for n in nodes if n.op_type != "Transpose" or any(o in used for o in n.output)]
 
 
+def check_exportable(quant: QuantState | None, target: str, opset: int = OPSET) -> None:
+    """Every refusal that the stage's quantization.json decides, raised before the model is even loaded."""
+    if quant is None:
+        return
+    if quant.bits not in (4, 8):
+        raise ExportError(f"{quant.bits}-bit weights have no ONNX integer type here; export 4- or 8-bit stages")
+    if quant.bits == 4 and target == "onnx":
+        if not quant.symmetric:
+            raise ExportError(
+                "asymmetric INT4 has nonzero zero points, which TensorRT's DequantizeLinear rejects. Fix: use "
+                "--format onnx-ort, or quantize with symmetric: true"
+            )
+        if opset < OPSET_INT4:
+            raise ExportError(f"INT4 DequantizeLinear with block_size needs opset {OPSET_INT4}, not {opset}")
+
+
 def quantize_graph(model_proto: onnx.ModelProto, model: torch.nn.Module, quant: QuantState, target: str) -> dict:
     """Rewrite `model_proto` in place for `target`; returns counts of what was rewritten."""
     if target not in TARGETS:
         raise ExportError(f"unknown ONNX target {target!r}; allowed: {', '.join(TARGETS)}")
-    if quant.bits not in (4, 8):
-        raise ExportError(f"{quant.bits}-bit weights have no ONNX integer type here; export 4- or 8-bit stages")
+    check_exportable(quant, target)
     graph = model_proto.graph
     lookup = linear_weights(model, quant)
     rw = Rewriter(graph, quant, target)

@@ -23,8 +23,8 @@ import torch
 from dscompress.artifact import ONNX_SIDE_FILES
 from dscompress.calibrate.metrics import evaluate
 from dscompress.export import trt_rules
-from dscompress.export.onnx import EXTERNAL_DATA_ABOVE, OPSET, OPSET_INT4, ExportError, export_float
-from dscompress.export.onnx_quant import TARGETS, quantize_graph
+from dscompress.export.onnx import EXTERNAL_DATA_ABOVE, OPSET, ExportError, export_float
+from dscompress.export.onnx_quant import TARGETS, check_exportable, quantize_graph
 from dscompress.export.ort_runner import MODEL_FILE, OrtLM, torch_greedy
 from dscompress.gates import Verdict, greedy_verdict, parity_verdicts
 from dscompress.models.load import load_model
@@ -81,22 +81,6 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
         if (stage / name).exists():
             shutil.copy2(stage / name, out / name)
     return meta
-
-
-def check_exportable(quant: QuantState | None, target: str, opset: int = OPSET) -> None:
-    """Every refusal that the stage's quantization.json decides, raised before the model is even loaded."""
-    if quant is None:
-        return
-    if quant.bits not in (4, 8):
-        raise ExportError(f"{quant.bits}-bit weights have no ONNX integer type here; export 4- or 8-bit stages")
-    if quant.bits == 4 and target == "onnx":
-        if not quant.symmetric:
-            raise ExportError(
-                "asymmetric INT4 has nonzero zero points, which TensorRT's DequantizeLinear rejects. Fix: use "
-                "--format onnx-ort, or quantize with symmetric: true"
-            )
-        if opset < OPSET_INT4:
-            raise ExportError(f"INT4 DequantizeLinear with block_size needs opset {OPSET_INT4}, not {opset}")
 
 
 # The dynamo exporter records each node's Python stack trace, with absolute paths of the machine that exported it:

@@ -1,6 +1,6 @@
 """GPTQ's inner block loop as one Triton kernel per block of columns (static grids), for CUDA devices.
 
-Why: the eager loop (math._solve, batched._solve_static) launches about six small kernels per input column, so on
+Why: the eager loop (math._solve, batched._solve_eager) launches about six small kernels per input column, so on
 a GPU GPTQ is bound by launch latency (832 k columns, about 5 M launches, for a Qwen2.5-7B shape). Inside a block
 the rows of W are independent: each output feature only meets the block's own Hinv rows. So one program holds a
 tile of output features x all columns of the block in registers and runs the whole block's column loop there:
@@ -22,7 +22,6 @@ import torch
 
 from dscompress.quant.primitives import max_code
 
-_RNE_LIMIT = 4194304.0  # 2**22: below it x + 0.5 is exact in float32, so floor(x + 0.5) rounds correctly
 _BLOCK_O = 32  # output features per program: a 128 x 32 float32 tile is 32 registers a thread with 4 warps
 
 
@@ -88,6 +87,7 @@ def _kernel():
             g = tl.load(GROUP + e * in_f + i1 + i).to(tl.int64)
             s = tl.load(SCALE + e * G * out_f + g * out_f + o, mask=omask, other=1.0)
             z = tl.load(ZERO + e * G * out_f + g * out_f + o, mask=omask, other=0.0)
+            # clamped to 2**22, below which x + 0.5 is exact in float32, so floor(x + 0.5) rounds correctly
             x = tl.minimum(tl.maximum(tl.math.div_rn(w, s), -4194304.0), 4194304.0)
             c = tl.floor(x + 0.5)
             c = tl.where(((c - x) == 0.5) & ((c - 2.0 * tl.floor(c * 0.5)) != 0.0), c - 1.0, c)  # half to even

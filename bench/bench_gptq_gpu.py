@@ -5,6 +5,9 @@ SmolLM2 in bench/bench_gptq.py. A memory cap below the model's own size shows th
 block at a time:
 
     python bench/bench_gptq_gpu.py --shape qwen2.5-7b --cap-gib 10 --samples 64 --seq-len 512
+
+With --stream-dir the checkpoint is written to disk and quantized by a fresh process with model.stream (one
+layer in memory at a time), whose peak RSS is reported; --fp8-dir writes it in DeepSeek's FP8 layout first.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -21,9 +25,12 @@ from transformers import AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, Qw
 from dscompress.compress.gptq import solve
 from dscompress.compress.gptq.apply import apply
 from dscompress.compress.gptq.config import GPTQConfig
+from dscompress.compress.gptq.memory import accelerator_peak, layer_params
 from dscompress.context import StageContext
+from dscompress.models.adapters import adapter_for
 from dscompress.models.load import load_model
 from dscompress.models.sources import resolve
+from dscompress.models.stream import load_streamed, stream_of, to_disk, write_safetensors
 
 SHAPES = {
     "smollm2-135m": lambda: LlamaConfig(
@@ -97,23 +104,6 @@ def quantizable(name: str) -> bool:
     return ".layers." in name and name.endswith(("proj.weight", "proj_with_mqa.weight"))
 
 
-def original_layout(model) -> dict[str, torch.Tensor]:
-    """The model's tensors under the names and shapes of the released checkpoints: transformers 5 fuses the
-    experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)); the files hold experts.<e>.{gate,up,down}_proj."""
-    out = {}
-    for name, t in model.state_dict().items():
-        if name.endswith("experts.gate_up_proj"):
-            prefix, half = name.removesuffix("gate_up_proj"), t.shape[1] // 2
-            for e in range(t.shape[0]):
-                out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = t[e, :half], t[e, half:]
-        elif name.endswith("experts.down_proj"):
-            for e in range(t.shape[0]):
-                out[f"{name.removesuffix('down_proj')}{e}.down_proj.weight"] = t[e]
-        else:
-            out[name] = t
-    return out
-
-
 def fp8_blocks(w: torch.Tensor, device: torch.device, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's layout: float8_e4m3fn weight and float32 scale_inv per 128 x 128 block (amax / 448)."""
     w = w.to(device).float()
@@ -125,15 +115,13 @@ def fp8_blocks(w: torch.Tensor, device: torch.device, block: int = 128) -> tuple
     return (w / full).to(torch.float8_e4m3fn).cpu(), scale.cpu()
 
 
-def write_fp8_checkpoint(model, directory: Path, device: torch.device) -> None:
-    """`model` written as an FP8 block-scaled checkpoint (quant_method fp8, e4m3, [128, 128]), one shard per
-    decoder layer plus one for the rest, with its index: what DeepSeek-V3/R1 ship."""
-    from safetensors.torch import save_file
-
+def write_checkpoint(model, directory: Path, device: torch.device, fp8: bool = True) -> None:
+    """`model` written as a checkpoint with one shard per decoder layer plus one for the rest, with its index;
+    with `fp8`, as an FP8 block-scaled checkpoint (quant_method fp8, e4m3, [128, 128]): what DeepSeek-V3/R1 ship."""
     directory.mkdir(parents=True, exist_ok=True)
     tied = model.config.get_text_config().tie_word_embeddings
     shards: dict[str, list[tuple[str, torch.Tensor]]] = {}
-    for name, t in original_layout(model).items():
+    for name, t in to_disk(model.state_dict()).items():
         if tied and name == "lm_head.weight":
             continue
         layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "rest"
@@ -142,21 +130,54 @@ def write_fp8_checkpoint(model, directory: Path, device: torch.device) -> None:
     for shard, views in shards.items():  # one shard in memory at a time (the views share the model's storage)
         part = {}
         for name, t in views:
-            if quantizable(name):
+            if fp8 and quantizable(name):
                 part[name], part[name + "_scale_inv"] = fp8_blocks(t, device)
             else:
-                part[name] = t.clone()
-        save_file(part, str(directory / shard), metadata={"format": "pt"})
+                part[name] = t
+        write_safetensors(part, directory / shard)
         weight_map |= dict.fromkeys(part, shard)
         del part
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = model.config.to_dict()
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]}  # fmt: skip
+    if fp8:
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [128, 128]}  # fmt: skip
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def main() -> None:
+class RssSampler:
+    """Peak anonymous and file-backed resident memory of this process, sampled every 50 ms (ru_maxrss gives only
+    their sum), so a streamed run shows whether memory held or file pages mapped made its peak."""
+
+    def __init__(self):
+        import threading
+
+        self.max = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def now(self) -> float:
+        return round(self._read()["VmRSS"] / 2**20, 3)
+
+    @staticmethod
+    def _read() -> dict:
+        with open("/proc/self/status") as f:
+            return {
+                k: int(v.split()[0])
+                for k, v in (line.split(":", 1) for line in f)
+                if k in ("RssAnon", "RssFile", "VmRSS")
+            }
+
+    def _run(self) -> None:
+        while True:
+            for k, v in self._read().items():
+                self.max[k] = max(self.max[k], v)
+            time.sleep(0.05)
+
+    def peaks(self) -> dict:
+        return {f"peak_{k.lower()}_gib": round(v / 2**20, 3) for k, v in self.max.items()}
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     ap.add_argument("--samples", type=int, default=64)
@@ -171,27 +192,85 @@ def main() -> None:
     ap.add_argument("--fp8-dir", type=Path, default=None,
                     help="write the random model there as an FP8 block-scaled checkpoint, then quantize what "
                          "dscompress reads from it (conversion to bf16 timed separately)")  # fmt: skip
-    args = ap.parse_args()
+    ap.add_argument("--stream-dir", type=Path, default=None,
+                    help="model.stream: write the checkpoint (bf16, or the FP8 one's bf16 conversion) and quantize "
+                         "it in a fresh process that reads one layer at a time and writes the result's shards "
+                         "here: that process's peak RSS is the pass's")  # fmt: skip
+    ap.add_argument("--stream-from", type=Path, default=None, help=argparse.SUPPRESS)  # the fresh process
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
     if args.expert_memory_share is not None:
         solve.EXPERT_MEMORY_SHARE = args.expert_memory_share
+    if args.stream_from:
+        sampler = RssSampler()
+        model, extra = load_streamed(args.stream_from, "bfloat16"), {"stream": True}
+        extra["rss_after_load_gib"] = sampler.now()
+    else:
+        model, extra = prepare(args, device)
+        if args.stream_dir:
+            extra |= stream_child(args, extra.pop("directory"))
+            print(json.dumps(extra))
+            if args.out:
+                args.out.write_text(json.dumps(extra, indent=2) + "\n")
+            return
+        extra.pop("directory", None)
+    result = quantize(args, model, device) | extra
+    if args.stream_from:  # ru_maxrss survives fork + exec (the parent's model would count): the sampled peak
+        result |= sampler.peaks()
+        result["peak_cpu_rss_gib"] = result["peak_vmrss_gib"]
+    print(json.dumps(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def prepare(args, device: torch.device):
+    """The random model in memory, or (FP8 and stream runs) written to disk and, for FP8, converted."""
     t0 = time.perf_counter()
     model = random_model(args.shape, torch.bfloat16, device)
-    build_s = time.perf_counter() - t0
-    fp8 = {}
+    extra = {"model_build_seconds": round(time.perf_counter() - t0, 1)}
+    if not (args.fp8_dir or args.stream_dir):
+        return model, extra
+    target = args.fp8_dir or args.stream_dir.with_name(args.stream_dir.name + "-input")
+    t1 = time.perf_counter()
+    write_checkpoint(model, target, device, fp8=args.fp8_dir is not None)
+    del model
+    t2 = time.perf_counter()
+    directory = resolve(str(target)).directory  # FP8 -> bf16, shard by shard, into the cache
+    t3 = time.perf_counter()
+    extra |= {"checkpoint_write_s": round(t2 - t1, 1), "directory": directory}
     if args.fp8_dir:
-        write_fp8_checkpoint(model, args.fp8_dir, device)
-        del model
-        t1 = time.perf_counter()
-        directory = resolve(str(args.fp8_dir)).directory  # FP8 -> bf16, shard by shard, into the cache
-        t2 = time.perf_counter()
-        model = load_model(directory, "bfloat16")
-        fp8 = {"fp8_write_s": round(t1 - t0 - build_s, 1), "fp8_to_bf16_s": round(t2 - t1, 1),
-               "load_s": round(time.perf_counter() - t2, 1),
-               "fp8_bytes": sum(f.stat().st_size for f in args.fp8_dir.glob("*.safetensors")),
-               "process_peak_rss_gib_before_pass": round(
-                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # fmt: skip
+        extra |= {"fp8_to_bf16_s": round(t3 - t2, 1),
+                  "fp8_bytes": sum(f.stat().st_size for f in args.fp8_dir.glob("*.safetensors"))}  # fmt: skip
+        if args.stream_dir:  # the bf16 conversion is what the pass reads: disk for the output
+            shutil.rmtree(args.fp8_dir)
+    if args.stream_dir:
+        return None, extra
+    model = load_model(directory, "bfloat16")
+    extra |= {"load_s": round(time.perf_counter() - t3, 1), "process_peak_rss_gib_before_pass": round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # fmt: skip
+    return model, extra
+
+
+def stream_child(args, directory: Path) -> dict:
+    """Run this script again on `directory` with --stream-from: a fresh process, so its peak RSS is the pass's."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--stream-from", str(directory), "--stream-dir", str(args.stream_dir),
+           "--shape", args.shape, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+           "--group-size", str(args.group_size), "--device", args.device, "--kernel", args.kernel]  # fmt: skip
+    if args.expert_memory_share is not None:
+        cmd += ["--expert-memory-share", str(args.expert_memory_share)]
+    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)  # its stderr shows progress
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def quantize(args, model, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
     if cuda and args.cap_gib:
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(0).total_memory
@@ -199,26 +278,35 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=torch.Generator())
     config = GPTQConfig(bits=4, group_size=args.group_size, symmetric=True, batch_size=8, kernel=args.kernel)
-    with StageContext.standalone(model, windows, device) as ctx:
+    targets = list(adapter_for(model.config).weight_targets(model))
+    free = torch.cuda.mem_get_info(device)[0] if cuda else None
+    predicted = accelerator_peak([t for t in targets if t.layer >= 0], model.config.hidden_size, args.samples,
+                                 args.seq_len, config.batch_size, 1, 2, free)  # fmt: skip
+    largest_layer = max(layer_params(targets).values()) * 2
+    output_dir = args.stream_dir if args.stream_from else None
+    if output_dir:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    with StageContext.standalone(model, windows, device, output_dir=output_dir) as ctx:
         t1 = time.perf_counter()
         out = apply(model, config, ctx)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t1
-    result = {
+    if output_dir:  # the rest and the index, as a stage folder gets them (not timed)
+        stream_of(model).save(model, output_dir)
+    return {
         "shape": args.shape, "params": n_params, "model_bytes_bf16": n_params * 2,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "cap_gib": args.cap_gib,
         "samples": args.samples, "seq_len": args.seq_len, "group_size": args.group_size,
         "gptq_seconds": round(seconds, 2),
         "seconds_per_billion_params": round(seconds / (n_params / 1e9), 2),
         "peak_accelerator_gib": round(out.summary["peak_accelerator_bytes"] / 2**30, 3),
+        "predicted_peak_accelerator_gib": round(predicted["peak_bytes"] / 2**30, 3),
         "peak_cpu_rss_gib": round(out.summary["peak_rss_bytes"] / 2**30, 3),
-        "expert_memory_share": solve.EXPERT_MEMORY_SHARE, "kernel": args.kernel,
-        "model_build_seconds": round(build_s, 1), "torch": torch.__version__, **fp8,
+        "largest_layer_gib": round(largest_layer / 2**30, 3),
+        "layer_peak_accelerator_gib": out.summary["layer_peak_accelerator_gib"],
+        "expert_memory_share": solve.EXPERT_MEMORY_SHARE, "kernel": args.kernel, "torch": torch.__version__,
     }  # fmt: skip
-    print(json.dumps(result))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

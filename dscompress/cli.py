@@ -233,6 +233,10 @@ def plan(recipe: RecipeArg, as_json: Annotated[bool, typer.Option("--json")] = F
         for s in result["stages"]:
             out.print(f"  {s['dir']:<20} {s['pass']:<8} {s['params']:>14,} params   "
                       f"deployed {_mb(s['deployed_bytes'])}   checkpoint {_mb(s['checkpoint_bytes'])}")  # fmt: skip
+            if peak := s.get("accelerator_peak"):
+                experts = (f" + {100 * peak['expert_budget_share']:.0f}% of the free memory for expert Hessians"
+                           if peak["expert_budget_share"] else "")  # fmt: skip
+                out.print(f"  [dim]gptq accelerator peak per device ~{_mb(peak['peak_bytes'])}{experts}[/dim]")
             if "train_memory_bytes" in s:
                 out.print(f"  [dim]training memory per device ~{_mb(s['train_memory_bytes'])}[/dim]")
             if "advice" in s:

@@ -119,6 +119,7 @@ class StageContext:
     input_dir: Path | None = None  # the artifact this stage reads
     quant: QuantState | None = None  # the input's quantization metadata
     dtype: str = "float32"
+    output_dir: Path | None = None  # the stage folder being written: a streamed model's layers go there
 
     def track(self, items: Iterable[T], description: str) -> Iterator[T]:
         return tracked(self.progress, items, description)

@@ -27,6 +27,7 @@ def model_problems(recipe: Recipe, located: LocatedYaml | None, info: ModelInfo)
                 f"use at most {info.max_positions}",
             ))  # fmt: skip
 
+    problems += _stream_problems(recipe)
     labels, stage_info = ["baseline"], info
     for i, stage in enumerate(recipe.stages):
         spec = spec_for(stage.pass_config)
@@ -45,6 +46,20 @@ def model_problems(recipe: Recipe, located: LocatedYaml | None, info: ModelInfo)
         where = located.where(loc) if located else "recipe"
         lines.append(f"{where}: {format_loc(loc)}: {message}")
     return lines
+
+
+def _stream_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """`model.stream: true` reads one decoder layer at a time: only the pass that works layer by layer takes it."""
+    if not recipe.model.stream:
+        return []
+    found = []
+    for i, stage in enumerate(recipe.stages):
+        key = spec_for(stage.pass_config).key
+        if key != "gptq":
+            found.append((("stages", i, key), f"a {key} stage needs the whole model in memory, and model.stream: "
+                          "true keeps only one layer there; gptq stages only. Fix: remove model.stream, or run "
+                          "this stage in a second recipe on the gptq stage's output"))  # fmt: skip
+    return found
 
 
 def check_against_model(recipe: Recipe, located: LocatedYaml | None, info: ModelInfo) -> None:
@@ -79,6 +94,17 @@ def _pruned_info(info: ModelInfo, cfg) -> ModelInfo:
     return inspect_config(pruned_config(info.config, info.adapter, cfg, list(range(keep))))
 
 
+def _gptq_peak(recipe: Recipe, info: ModelInfo, cfg) -> dict:
+    """The gptq pass's accelerator memory per device (compress/gptq/memory.py), before any expert budget."""
+    from dscompress.compress.gptq.memory import accelerator_peak
+
+    cal = recipe.data.calibration
+    devices = cfg.devices if isinstance(cfg.devices, int) else 1
+    return accelerator_peak(selected(info.targets, cfg.exclude), info.config.get_text_config().hidden_size,
+                            cal.samples, cal.seq_len, cfg.batch_size, devices,
+                            DTYPE_BYTES[recipe.model.dtype])  # fmt: skip
+
+
 def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
     """Predicted sizes before any compute. Memory is a peak estimate for the largest step, not a bound."""
     dtype_bytes = DTYPE_BYTES[recipe.model.dtype]
@@ -108,25 +134,33 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
             row |= {"quantized_params": q_params, "checkpoint_bytes": model_bytes + 8 * groups}
         else:
             row["checkpoint_bytes"] = model_bytes
+        if spec.key == "gptq" and isinstance(data.calibration.samples, int):
+            row["accelerator_peak"] = _gptq_peak(recipe, info, cfg)
         if spec.trains:
             row["train_memory_bytes"] = _distill_bytes(cfg, info, source_bytes, recipe.data.train.seq_len)
         row["deployed_bytes"] = int(deployed)
         stages.append(row)
 
+    host, how = 2 * source_bytes + logits_bytes + RUNTIME_BYTES, "two model copies (load + save)"
+    if recipe.model.stream:  # everything outside the layers, one layer read and one being written
+        from dscompress.compress.gptq.memory import layer_params
+
+        per_layer = layer_params(source_info.targets)
+        outside = source_info.n_params - sum(per_layer.values())
+        host = (outside + 2 * max(per_layer.values(), default=0)) * dtype_bytes + logits_bytes + RUNTIME_BYTES
+        how = "the tensors outside the decoder layers plus two layers (model.stream: one read, one written)"
     result = {
         "model": recipe.model.path,
         "architecture": info.adapter.model_type,
         "params": source_info.n_params,
         "model_bytes": source_bytes,
         "stages": stages,
-        "peak_memory_bytes": max(
-            2 * source_bytes + logits_bytes + RUNTIME_BYTES, *(s.get("train_memory_bytes", 0) for s in stages)
-        ),
+        "peak_memory_bytes": max(host, *(s.get("train_memory_bytes", 0) for s in stages)),
         "disk_bytes": int(source_bytes + ref_bytes + sum(s["checkpoint_bytes"] for s in stages)),
         "baseline_logprobs_bytes": ref_bytes,
         "assumptions": "0-baseline holds a copy of the source that a write cannot follow back (counted in disk_bytes; "
         "no extra disk where the file system reflinks, or for non-root users hard-linking the read-only cache); "
-        "peak memory = two model copies (load + save) + two batches of logits (stage and baseline) "
+        f"peak memory = {how} + two batches of logits (stage and baseline) "
         "+ about 1 GB for torch and transformers themselves",
     }
     result["roofline"] = roofline(recipe, info, result)

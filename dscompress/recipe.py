@@ -39,6 +39,11 @@ class ModelSpec(Strict):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of every stage")
     trust_remote_code: bool = Field(False, description="allow a checkpoint's own modeling code (auto_map)")
+    stream: bool = Field(
+        False,
+        description="keep the decoder layers on disk and read one at a time (checkpoints larger than memory); "
+        "gptq stages only",
+    )
 
 
 class OnnxSpec(Strict):

@@ -59,6 +59,7 @@ from dscompress.models.adapters import adapter_for
 from dscompress.models.info import inspect_model
 from dscompress.models.load import load_model, load_tokenizer
 from dscompress.models.sources import resolve
+from dscompress.models.stream import load_streamed, place, stream_of
 from dscompress.plan import check_against_model
 from dscompress.quant.actquant import attach_saved, detach
 from dscompress.quant.qstate import QUANT_JSON, QUANT_TENSORS, QuantState, deployed_bytes
@@ -214,8 +215,7 @@ class Runner:
                 if f.is_file() and not f.name.startswith("."):
                     clone_source(f, tmp / f.name)
             with spinner(progress, "loading the baseline"):
-                model = load_model(source, self.recipe.model.dtype, self.recipe.model.trust_remote_code)
-                model = model.to(self.device)
+                model = place(self._load(source), self.device)
             track = partial(tracked, progress)
             record.metrics = compute_baseline(
                 model, self.corpus.windows("eval"), self.recipe.data.batch_size, self.device, tmp, track
@@ -248,7 +248,7 @@ class Runner:
         with atomic_dir(final) as tmp, make_progress(self.console) as progress:
             t0 = time.perf_counter()
             with spinner(progress, f"loading {input_dir.name}"):
-                model = load_model(input_dir, self.recipe.model.dtype, self.recipe.model.trust_remote_code)
+                model = self._load(input_dir)
                 attach_saved(model, input_dir)  # a W8A8 input keeps its activation quantization
             ctx = StageContext(
                 adapter=adapter_for(model.config), device=self.device, seed=self.recipe.seed + index,
@@ -256,7 +256,7 @@ class Runner:
                 calibration=lambda: self.corpus.windows("calibration"), resume_dir=resume, gate=stage.gate,
                 train=lambda: self.corpus.windows("train"), evaluate=self._eval_spec(stage),
                 stage_dir=self._stage_dir, input_dir=input_dir, quant=QuantState.load(input_dir),
-                dtype=self.recipe.model.dtype,
+                dtype=self.recipe.model.dtype, output_dir=tmp,
             )  # fmt: skip
             torch.manual_seed(ctx.seed)
             t1 = time.perf_counter()
@@ -264,7 +264,7 @@ class Runner:
             if result.quant_invalidated or (result.quant is not None and not result.quant.activations):
                 detach(result.model)  # new weight-only metadata replaces the input's W8A8
             t2 = time.perf_counter()
-            model = result.model.to(self.device).eval()
+            model = place(result.model, self.device).eval()
             record.metrics = evaluate(
                 model, self.corpus.windows("eval"), self.ref, self.recipe.data.batch_size, self.device,
                 partial(tracked, progress),
@@ -272,7 +272,7 @@ class Runner:
             t3 = time.perf_counter()
             record.deployed_bytes = deployed_bytes(model, result.quant if result.quant is not None else
                                                    (None if result.quant_invalidated else ctx.quant))  # fmt: skip
-            self._save_artifact(model.cpu(), result, input_dir, tmp)
+            self._save_artifact(place(model, "cpu"), result, input_dir, tmp)
             for fmt in stage.save_formats:
                 export_packed(tmp, tmp / "packed" / fmt, fmt)
             if stage.onnx:
@@ -328,8 +328,15 @@ class Runner:
             verdicts += [v.as_dict() for v in found]
         return results, verdicts
 
+    def _load(self, directory: Path):
+        m = self.recipe.model
+        return (load_streamed if m.stream else load_model)(directory, m.dtype, m.trust_remote_code)
+
     def _save_artifact(self, model, result, input_dir: Path, tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        if (stream := stream_of(model)) is not None:
+            stream.save(model, tmp)  # the pass wrote every layer already
+        else:
+            model.save_pretrained(tmp)
         for f in sorted(input_dir.iterdir()):
             own = f.name in OWN_FILES or f.name in result.files or f.name.startswith("model")
             if f.is_file() and not own:

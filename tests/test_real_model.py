@@ -110,8 +110,11 @@ stages:
 """
 
 
-def test_gptq_stage_sigkilled_mid_pass_resumes_at_next_block(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", GPTQ_SMALL)
+@pytest.mark.parametrize("stream", [False, True])
+def test_gptq_stage_sigkilled_mid_pass_resumes_at_next_block(tmp_path, stream):
+    recipe = write_recipe(
+        tmp_path / "r.yaml", GPTQ_SMALL.replace("}\ndata", f", stream: {str(stream).lower()}}}\ndata")
+    )
     killed = tmp_path / "killed"
     run_and_sigkill(recipe, killed, ".resume/1-w4-*/block-0005.safetensors")
     assert not (killed / "1-w4").exists()

@@ -84,7 +84,7 @@ def deployed_bytes(model, state: QuantState | None) -> int:
     """The bytes a runtime loads for `model`: quantized weights at their bits with their scales and zeros,
     every other parameter (tied ones once) at its own dtype. Disk use of a stage folder is something else (it
     keeps float weights beside the grid)."""
-    params = {p.data_ptr(): p for p in model.parameters()}.values()
+    params = {(p.data_ptr() if not p.is_meta else id(p)): p for p in model.parameters()}.values()
     total = sum(p.numel() * p.element_size() for p in params)
     if state is None:
         return int(total)

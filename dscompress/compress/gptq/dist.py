@@ -33,7 +33,7 @@ from dscompress.compress.workers import WorkerJob, run_workers
 from dscompress.context import PassOutput, StageContext, make_progress
 from dscompress.errors import RecipeError
 from dscompress.models.adapters import adapter_for
-from dscompress.models.load import load_model
+from dscompress.models.stream import load_layers, load_streamed, stream_of
 from dscompress.quant.qstate import QuantState
 
 
@@ -42,6 +42,7 @@ class GPTQJob(WorkerJob):
 
     config: GPTQConfig
     model_dir: Path
+    layers_dir: Path | None = None  # where rank 0 writes each finished layer's shard
     resume_dir: Path | None = None
 
 
@@ -56,8 +57,11 @@ def launch(model, config: GPTQConfig, ctx: StageContext, world: int) -> PassOutp
             model_dir = wdir / "input"
             model.save_pretrained(model_dir)
         save_file({"calibration": ctx.calibration().contiguous()}, str(wdir / "windows.safetensors"))
+        stream = stream_of(model)  # streamed: the layers go straight to the stage folder
+        layers_dir = ctx.output_dir if stream is not None else wdir / "layers"
+        layers_dir.mkdir(parents=True, exist_ok=True)
         GPTQJob(config=config, model_dir=model_dir, dtype=ctx.dtype, device=ctx.device.type, seed=ctx.seed,
-                resume_dir=ctx.resume_dir).write(wdir / "job.json")  # fmt: skip
+                layers_dir=layers_dir, resume_dir=ctx.resume_dir).write(wdir / "job.json")  # fmt: skip
         task = ctx.progress.add_task(f"gptq int{config.bits} g{config.group_size} on {world} devices", total=None)
 
         def on_progress(info: dict) -> None:
@@ -69,6 +73,10 @@ def launch(model, config: GPTQConfig, ctx: StageContext, world: int) -> PassOutp
         finally:
             ctx.progress.remove_task(task)
         state = QuantState.load(wdir / "result")
+        if stream is not None:
+            stream.adopt(layers_dir)
+        else:
+            load_layers(model, ctx.adapter, layers_dir)
         load_result(model, load_file(str(wdir / "result" / "weights.safetensors")), state)
         summary = json.loads((wdir / "result" / "summary.json").read_text())
     return PassOutput(model, quant=state, summary=summary)
@@ -92,7 +100,7 @@ def lead(model, config: GPTQConfig, ctx: StageContext) -> PassOutput:
 def follow(message: dict) -> None:
     """A rank > 0 under an outside launcher: the job rank 0 sent, on this rank's device; rank 0 keeps the result."""
     spec = GPTQJob.model_validate_json(message["job"])
-    model = load_model(spec.model_dir, spec.dtype)
+    model = load_streamed(spec.model_dir, spec.dtype)  # rank 0 keeps the result: this rank drops each layer
     windows = message["windows"]
     console = Console(stderr=True, quiet=True)
     with make_progress(console) as progress:
@@ -108,14 +116,17 @@ def target_param(model, name: str, kind: str) -> torch.Tensor:
 
 
 def load_result(model, weights: dict[str, torch.Tensor], state: QuantState) -> None:
+    """The quantized weights outside the decoder layers (lm_head); the layers come from their shards."""
     with torch.no_grad():
-        for name, meta in state.targets.items():
-            param = target_param(model, name, meta["kind"])
-            param.copy_(weights[name].to(param.dtype))
+        for name, tensor in weights.items():
+            param = target_param(model, name, state.targets[name]["kind"])
+            param.copy_(tensor.to(param.dtype))
 
 
 def save_result(model, out: PassOutput, directory: Path) -> None:
-    weights = {n: target_param(model, n, m["kind"]).detach().cpu().contiguous() for n, m in out.quant.targets.items()}
+    """The grid, the summary, and the quantized weights that are not in a layer shard (lm_head)."""
+    params = {n: target_param(model, n, m["kind"]) for n, m in out.quant.targets.items()}
+    weights = {n: p.detach().cpu().contiguous() for n, p in params.items() if not p.is_meta}
     with atomic_dir(directory) as tmp:
         out.quant.save(tmp)
         save_file(weights, str(tmp / "weights.safetensors"))
@@ -145,12 +156,12 @@ def main(job: Path) -> None:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    model = load_model(spec.model_dir, spec.dtype)
+    model = load_streamed(spec.model_dir, spec.dtype)  # each layer is read when this rank reaches it
     windows = load_file(str(job.parent / "windows.safetensors"))["calibration"]
     console = Console(stderr=True, quiet=True)
     with make_progress(console) as progress:
         ctx = _WorkerContext(adapter_for(model.config), device, spec.seed, console, progress, lambda: windows,
-                             resume_dir=spec.resume_dir)  # fmt: skip
+                             resume_dir=spec.resume_dir, output_dir=spec.layers_dir)  # fmt: skip
         ctx.progress_file = job.parent / "progress.json" if comm.rank == 0 else None
         out = quantize(model, spec.config, ctx, comm)
     if comm.rank == 0:

@@ -83,26 +83,32 @@ class GPTQResult:
     error: float  # sum over columns of ((w - q)^2 / Hinv_cc^2), GPTQ's loss proxy
 
 
-def inverse_hessian_factor(H: torch.Tensor, damp_frac: float, retries: int = 6) -> tuple[torch.Tensor, float] | None:
-    """Upper Cholesky factor of (H + damp I)^-1, raising damp x10 on failure; None when it never succeeds.
+def inverse_hessian_factor(H: torch.Tensor, damp_frac: float, retries: int = 6, flipped: bool = False
+                           ) -> tuple[torch.Tensor, float] | None:  # fmt: skip
+    """Upper Cholesky factor U of (H + damp I)^-1 (H^-1 = U^T U), raising damp x10 on failure; None when it
+    never succeeds.
 
-    At most three (in, in) matrices live at once (H, one work copy, one factor): for a 18944-wide down_proj
-    that is 4.3 GB, not the 10 GB a naive version takes.
+    H^-1 is never formed: with J the reversal of rows and columns, J H J = M M^T (M lower triangular) gives
+    H^-1 = (J M^-T J)(J M^-1 J), and U = J M^-1 J is upper triangular with a positive diagonal: the factor itself.
+    So one Cholesky and one in-place triangular inverse replace Cholesky, inverse and a second Cholesky, and at
+    most two (in, in) matrices live at once (for an 18944-wide down_proj: 2.9 GB where cholesky_inverse on CUDA
+    took four). `flipped`: H is given as J H J (the caller permuted it so, for free) and is consumed (its storage
+    ends as M^-1); otherwise H is left as it was. A failed attempt restores the diagonal, so retries need no copy.
     """
-    mean_diag = float(torch.mean(torch.diagonal(H)))
+    if not flipped:
+        H = H.flip((0, 1))
+    diag = H.diagonal().clone()
+    mean_diag = float(torch.mean(diag))
     damp = damp_frac
     for _ in range(retries):
-        work = H.clone()
-        work.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(work)
-        del work
+        H.diagonal().copy_(diag + damp * mean_diag)
+        M, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            if int(info) == 0:
-                return U, damp
+            H.zero_().diagonal().fill_(1.0)  # H's storage becomes the identity, then M^-1
+            torch.linalg.solve_triangular(M, H, upper=False, out=H)
+            del M
+            return H.flip((0, 1)), damp
+        del M
         damp = damp * 10.0 if damp > 0 else 1e-3
     return None
 
@@ -135,7 +141,7 @@ def visiting_order(diag: torch.Tensor, gs: int, act_order) -> torch.Tensor:
 
 def gptq_quantize(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | HessianAccumulator,
     bits: int,
     group_size: int,
     sym: bool,
@@ -146,14 +152,19 @@ def gptq_quantize(
 ) -> GPTQResult:
     """Quantize W (out, in) against Hessian H (in, in). Returns dequantized weights and their grid.
 
-    H is consumed: dead columns and the permutation are applied to it in place (it is large: in x in).
+    H is consumed (it is large: in x in): dead columns are set in place and its storage ends as H^-1. Given the
+    accumulator itself, the solve takes its Hessian (acc.H becomes None), so the original is freed as soon as the
+    permuted copy exists: two in x in matrices at most.
 
     Without act-order, each group's scale/zero is taken from the (already error-compensated) weights when the
     solver reaches the group's first column, as in the reference. With act-order, groups are static, and
     kernel "auto" solves them with fused.py's one-launch-per-block kernel where it can run (CUDA with Triton).
     """
     act_order = "static" if act_order is True else act_order
-    W = W.float().clone()
+    if isinstance(H, HessianAccumulator):
+        acc = H
+        H, acc.H = acc.H, None
+    W = W.to(torch.float32, copy=True)
     H = H.float()
     out_f, in_f = W.shape
     gs = in_f if group_size == -1 else group_size
@@ -168,8 +179,11 @@ def gptq_quantize(
         scale, zero = _group_params(W, bits, group_size, sym)
     perm = visiting_order(torch.diag(H), gs, act_order)
     if act_order:
-        W, H = W[:, perm], H[perm][:, perm]
-    factor = inverse_hessian_factor(H, damp_frac)
+        W = W[:, perm]
+    back = perm.flip(0)  # H in reversed visiting order (J H J, see inverse_hessian_factor), one copy at a time
+    H = H[back]
+    H = H[:, back]
+    factor = inverse_hessian_factor(H, damp_frac, flipped=True)
     del H
     g_idx = (torch.arange(in_f, device=W.device) // gs).to(torch.int32)
     if factor is None:  # never positive definite: fall back to round-to-nearest (reported by the pass)

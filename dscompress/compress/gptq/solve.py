@@ -35,7 +35,9 @@ from dscompress.compress.gptq.ranks import SingleRank
 from dscompress.compress.layerwise import StopForward, capture_layer_inputs, run_layer
 from dscompress.compress.selection import selected
 from dscompress.context import PassOutput, StageContext
+from dscompress.errors import RecipeError
 from dscompress.models.adapters import WeightTarget
+from dscompress.models.stream import stream_of
 from dscompress.quant.primitives import fake_quantize, n_groups
 from dscompress.quant.qstate import QuantState
 
@@ -109,6 +111,18 @@ class _Run:
     grids: dict = field(default_factory=dict)  # stacked group -> {expert: (scale, zero)} while it is solved
     layer: int = -1  # the decoder block being solved
     layer_loss: dict = field(default_factory=dict)  # block -> GPTQ's loss proxy summed over its solves (this rank)
+    layer_peaks: list = field(default_factory=list)  # block -> {phase: accelerator peak bytes}
+    peak: int = 0  # accelerator peak over the whole pass
+
+    def phase_peak(self, device: torch.device, phase: str) -> None:
+        """The accelerator's peak since the last phase, kept for the current block; the pass's own peak."""
+        if device.type != "cuda":
+            return
+        peak = torch.cuda.max_memory_allocated(device)
+        self.peak = max(self.peak, peak)
+        if self.layer_peaks and phase != "lm_head":
+            self.layer_peaks[-1][phase] = peak
+        torch.cuda.reset_peak_memory_stats(device)
 
     def add_loss(self, loss: float) -> None:
         if math.isfinite(loss):  # an RTN fallback has no GPTQ loss
@@ -176,7 +190,7 @@ def _quantize_linears(group: list[WeightTarget], acc: HessianAccumulator, run: _
     stacked = torch.cat([t.param.detach() for t in group]).to(acc.H.device)
     bounds = run.comm.slices(len(stacked))
     lo, hi = bounds[run.comm.rank]
-    res = gptq_quantize(stacked[lo:hi], acc.H, **run.solver_args())
+    res = gptq_quantize(stacked[lo:hi], acc, **run.solver_args())  # takes acc.H: freed as the solve goes
     run.add_loss(res.error)
     run.stats["rtn_fallback_weights"] += int(res.damp_used < 0)  # the same Hessian, so the same on every rank
     weight, scale, zero = _full_rows(res, len(stacked), bounds, run.comm)
@@ -276,21 +290,34 @@ def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm
         torch.cuda.reset_peak_memory_stats(device)
     if ctx.resume_dir is not None and comm.rank == 0:
         ctx.resume_dir.mkdir(parents=True, exist_ok=True)
-    windows, started = ctx.calibration(), time.perf_counter()
+    windows, started, stream = ctx.calibration(), time.perf_counter(), stream_of(model)
+    if stream is not None and ctx.output_dir is None and comm.rank == 0:
+        raise RecipeError("gptq on a streamed model (model.stream: true) needs a stage folder to write layers to")
     with torch.no_grad():
         batches = capture_layer_inputs(model, adapter, windows.tensor_split(comm.world)[comm.rank],
                                        config.batch_size, device)  # fmt: skip
         layers = adapter.layers(model)
         for index in ctx.track(range(len(layers)), f"gptq int{config.bits} g{config.group_size}"):
-            layer = layers[index].to(device)
+            run.layer_peaks.append({})
+            layer = stream.onload(index, device) if stream else layers[index].to(device)
+            run.phase_peak(device, "load")
             outs = _quantize_block(model, adapter, index, layer, batches, run, _block_path(ctx.resume_dir, index))
             if outs is None:
                 outs = run_layer(layer, batches)
             batches = [(out, kwargs) for out, (_, kwargs) in zip(outs, batches, strict=True)]
-            layers[index] = layer.to("cpu")
+            run.phase_peak(device, "solve")
+            if stream is None:
+                layers[index] = layer.to("cpu")
+            elif comm.rank == 0:  # to the stage's own shard; read from there from now on
+                stream.write_layer(index, ctx.output_dir)
+            else:
+                stream.release(index)
+            run.phase_peak(device, "store")
         _quantize_lm_head(model, adapter, batches, run)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    run.stats["peak_accelerator_bytes"] = comm.max(peak)  # per device: the largest
+    run.phase_peak(device, "lm_head")
+    run.stats["peak_accelerator_bytes"] = comm.max(run.peak)  # per device: the largest
+    # per block, this rank's accelerator peak while it was read, solved and stored (GiB; none on a CPU)
+    run.stats["layer_peak_accelerator_gib"] = [{k: round(v / 2**30, 3) for k, v in p.items()} for p in run.layer_peaks]
     run.stats["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     run.stats["quantized_weights"] = len(run.state.targets)
     # per decoder block, sum over its weights of (w - q)^2 / Hinv_cc^2 (rank 0's rows and experts; None: resumed)
@@ -398,25 +425,31 @@ def _quantize_dense_layer(layer, groups, batches, parts, run: _Run):
     o_proj = o_group[0].module
     residual = [hidden + o_proj(x) for (hidden, _), x in zip(batches, attn_out, strict=True)]
     del attn_out
-    mlp_in = [post_norm(h) for h in residual]
+    for i, (_, kwargs) in enumerate(batches):  # the block's inputs are not read again (the outputs build on
+        batches[i] = (None, kwargs)  # `residual`): freed before the MLP's solves; the caller keeps the kwargs
+    # post_norm(h) is recomputed where needed rather than kept: one activation-sized list less at the peak
     hess = _GroupHessians(mlp_group, device, hooks=False, fast=run.fast)
-    for x in mlp_in:
-        hess.acc.add(x)
+    for h in residual:
+        hess.acc.add(post_norm(h))
     _quantize_group(hess, run)
     hess = _GroupHessians(down_group, device, hooks=False, fast=run.fast)
     # (B, T, intermediate) per batch is the largest activation: kept when small, else recomputed for the outputs
-    tokens = sum(x[..., 0].numel() for x in mlp_in)
-    keep = tokens * down_group[0].in_features * mlp_in[0].element_size() <= KEEP_BYTES
+    tokens = sum(h[..., 0].numel() for h in residual)
+    keep = tokens * down_group[0].in_features * residual[0].element_size() <= KEEP_BYTES
     down_in = []
-    for x in mlp_in:
-        y = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    for h in residual:
+        y = _mlp_hidden(mlp, post_norm(h))
         hess.acc.add(y)
         down_in.append(y if keep else None)
     _quantize_group(hess, run)
     return [
-        h + mlp.down_proj(y if y is not None else mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-        for h, x, y in zip(residual, mlp_in, down_in, strict=True)
+        h + mlp.down_proj(y if y is not None else _mlp_hidden(mlp, post_norm(h)))
+        for h, y in zip(residual, down_in, strict=True)
     ]
+
+
+def _mlp_hidden(mlp, x: torch.Tensor) -> torch.Tensor:
+    return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
 
 
 def _quantize_lm_head(model, adapter, batches, run: _Run) -> None:

@@ -29,7 +29,7 @@ EXIT_CODES = (
 )
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, epilog=EXIT_CODES)
 # Choices spelled here so that --help needs no torch import; tests/test_runner.py checks them against the library.
-EXPORT_FORMATS = ("onnx", "onnx-ort", "gptq", "gptq_v2", "compressed-tensors")
+EXPORT_FORMATS = ("onnx", "onnx-ort", "ort-genai", "gptq", "gptq_v2", "compressed-tensors")
 DTYPE_CHOICES = ("float16", "bfloat16", "float32")
 BUNDLE_TARGETS = ("orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nx-8gb", "orin-nano-8gb", "x86-gpu")
 JETPACKS = ("6.2", "7.2")
@@ -278,7 +278,13 @@ def export_(
     fmt: Annotated[ExportFormat, typer.Option("--format", help="export format")],
     out_dir: Annotated[Path, typer.Option("--out", help="where to write the export")],
     dtype: Annotated[Dtype, typer.Option(help="packed formats: dtype of the unquantized tensors")] = Dtype.float16,
-    fp16: Annotated[bool, typer.Option("--fp16", help="onnx-ort: float16 weights and compute")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="onnx-ort, ort-genai: float16 weights and compute")] = False,
+    accuracy_level: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=4, help="onnx-ort, ort-genai: MatMulNBits accuracy_level (4: int8 activations; default 0)"
+        ),
+    ] = None,
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
@@ -297,7 +303,7 @@ def export_(
             from dscompress.export.stage_export import export_stage
 
             with owned_dir(out_dir, "export") as tmp:
-                meta = export_stage(stage, fmt.value, tmp, fp16)
+                meta = export_stage(stage, fmt.value, tmp, fp16, accuracy_level=accuracy_level)
             result = {"format": fmt.value, "out": str(out_dir), "file": str(out_dir / "model.onnx"), "export": meta}
         else:
             result = {"format": fmt.value, "out": str(export(stage, out_dir, fmt.value, DTYPES[dtype.value]))}

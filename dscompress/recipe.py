@@ -47,11 +47,27 @@ class ModelSpec(Strict):
 
 
 class OnnxSpec(Strict):
-    targets: list[Literal["onnx", "onnx-ort"]] = Field(
+    targets: list[Literal["onnx", "onnx-ort", "ort-genai"]] = Field(
         default_factory=lambda: ["onnx"],
-        description="onnx: standard operators, TensorRT Q/DQ rules; onnx-ort: MatMulNBits INT4 for ONNX Runtime",
+        description="onnx: standard operators, TensorRT Q/DQ rules; onnx-ort: MatMulNBits INT4 for ONNX Runtime; "
+        "ort-genai: the onnx-ort graph as a folder ONNX Runtime GenAI opens (genai_config.json)",
     )
-    fp16: bool = Field(False, description="onnx-ort only: float16 weights and compute")
+    fp16: bool = Field(False, description="onnx-ort and ort-genai only: float16 weights and compute")
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
+        None,
+        description="onnx-ort and ort-genai only: MatMulNBits accuracy_level (4: int8 activations inside the INT4 "
+        "kernel; the parity gate measures what it costs). Unset: 0, the measured default (docs/BENCHMARKS.md)",
+    )
+
+    @model_validator(mode="after")
+    def _ort_options(self):
+        if (self.fp16 or self.accuracy_level is not None) and "onnx" in self.targets:
+            raise ValueError(
+                "fp16 and accuracy_level apply to the ONNX Runtime targets (onnx-ort, ort-genai); the onnx target "
+                "(TensorRT) keeps float32 around its Q/DQ nodes. Fix: put onnx in a stage of its own, or drop them"
+            )
+        return self
+
     parity: OnnxParity = Field(
         default_factory=OnnxParity, description="how far the ONNX Runtime metrics may drift from the torch stage's"
     )

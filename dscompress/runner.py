@@ -318,7 +318,8 @@ class Runner:
         results, verdicts = {}, []
         for target in stage.onnx.targets:
             with spinner(progress, f"exporting {target} and running it in ONNX Runtime"):
-                meta = export_stage(tmp, target, tmp / "onnx" / target, stage.onnx.fp16)
+                meta = export_stage(tmp, target, tmp / "onnx" / target, stage.onnx.fp16,
+                                    accuracy_level=stage.onnx.accuracy_level)  # fmt: skip
                 ort_metrics, found = parity(
                     tmp, tmp / "onnx" / target, self.corpus.windows("eval"), self.ref, metrics, stage.onnx.parity,
                     self.recipe.data.batch_size,

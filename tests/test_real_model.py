@@ -232,6 +232,23 @@ def test_smollm2_int4_g64_is_refused_for_an_orin(int4_g64_stage, tmp_path):
     assert refused.returncode == 2 and "INT4 group 64 does not run on orin-agx-64gb" in refused.stderr
 
 
+def test_ort_genai_on_smollm2_int4_generates_what_dscompress_generate_does(int4_g64_stage, tmp_path):
+    """The real model in INT4 g64 (MatMulNBits), exported as `ort-genai` and opened by ONNX Runtime GenAI itself:
+    its greedy text equals `dscompress generate` on the same export."""
+    from dscompress.export.benchmark import generate
+    from dscompress.export.genai import genai_greedy
+
+    exported = cli("export", str(int4_g64_stage), "--format", "ort-genai", "--out", str(tmp_path / "g"), timeout=900)
+    assert exported.returncode == 0, exported.stderr
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    ours = generate(tmp_path / "g", prompt, 12)["tokens"]  # what `dscompress generate` prints, as token ids
+    tokenizer = load_tokenizer(tmp_path / "g")
+    theirs = genai_greedy(tmp_path / "g", tokenizer(prompt)["input_ids"], 12)
+    # ORT GenAI stops at the end-of-sequence token; our loop runs on for the number of tokens asked
+    assert theirs == ours[: len(theirs)] and (len(theirs) == 12 or theirs[-1] == tokenizer.eos_token_id), (theirs, ours)
+    assert len(theirs) >= 3  # an answer, then the end of the turn
+
+
 @pytest.mark.heavy
 def test_smollm2_int4_bundle_for_a_discrete_gpu(int4_g64_stage, tmp_path):
     """An x86 GPU takes group 64: the whole bundle, its runner verified through ONNX Runtime."""

@@ -126,13 +126,12 @@ class Generator:
         layout = meta["layout"]
         self.layers, self.key, self.value = layout["layers"], layout["key"], layout["value"]
         self.dtype = np.float16 if meta.get("fp16") else np.float32
+        template = meta.get("past_name", "past.%d.%s")  # ort-genai exports: past_key_values.%d.%s
+        self.past_names = [template % (i, kv) for i in range(self.layers) for kv in ("key", "value")]
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        past = {}
-        for i in range(self.layers):
-            past[f"past.{i}.key"] = np.zeros((batch, self.key[0], 0, self.key[1]), self.dtype)
-            past[f"past.{i}.value"] = np.zeros((batch, self.value[0], 0, self.value[1]), self.dtype)
-        return past
+        shapes = [(batch, self.key[0], 0, self.key[1]), (batch, self.value[0], 0, self.value[1])]
+        return {name: np.zeros(shapes[j % 2], self.dtype) for j, name in enumerate(self.past_names)}
 
     def step(self, ids: np.ndarray, past: dict, start: int) -> tuple[np.ndarray, dict]:
         batch, seq = ids.shape
@@ -142,11 +141,8 @@ class Generator:
             "position_ids": np.broadcast_to(np.arange(start, start + seq, dtype=np.int64), (batch, seq)).copy(),
             **past,
         }
-        out = self.backend.run(feeds)
-        names = self.meta["outputs"][1:]
-        return out[0].astype(np.float32), {
-            n.replace("present.", "past."): v for n, v in zip(names, out[1:], strict=True)
-        }
+        out = self.backend.run(feeds)  # outputs: logits, then present.{i}.key/value in past_names' order
+        return out[0].astype(np.float32), dict(zip(self.past_names, out[1:], strict=True))
 
     def greedy(self, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
         """(tokens, prefill seconds, decode milliseconds per token)."""

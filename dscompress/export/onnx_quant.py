@@ -12,7 +12,8 @@ Targets:
     stage's calibrated scale; Linears whose activations fell back keep a float input (W8A16);
   - int4 weights: INT4 initializer + DequantizeLinear with `block_size` (opset 21), symmetric only (TensorRT
     needs zero points of 0).
-- `onnx-ort`: int4 weights become com.microsoft MatMulNBits (asymmetric zero points supported); int8 as `onnx`.
+- `onnx-ort` and `ort-genai`: int4 weights become com.microsoft MatMulNBits (asymmetric zero points supported;
+  `accuracy_level` as asked, 4 = int8 activations inside the kernel); int8 as `onnx`.
 Routed-expert weights stay as their dequantized float values (exact, not smaller).
 """
 
@@ -28,7 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 from dscompress.export.onnx import OPSET, OPSET_INT4, ExportError
 from dscompress.quant.qstate import QuantState
 
-TARGETS = ("onnx", "onnx-ort")
+TARGETS = ("onnx", "onnx-ort", "ort-genai")
+ORT_TARGETS = ("onnx-ort", "ort-genai")  # run by ONNX Runtime: MatMulNBits for INT4
 
 
 def _digest(array: np.ndarray) -> str:
@@ -49,6 +51,7 @@ def linear_weights(model: torch.nn.Module, quant: QuantState) -> dict[str, tuple
 class Rewriter:
     def __init__(self, graph: onnx.GraphProto, quant: QuantState, target: str):
         self.graph, self.quant, self.target = graph, quant, target
+        self.accuracy_level = 0  # MatMulNBits: 0 = the kernel's default (float activations), 4 = int8
         self.inits = {i.name: i for i in graph.initializer}
         self.new_nodes: list[onnx.NodeProto] = []
         self.act_qdq: dict[tuple[str, float], str] = {}  # (tensor, scale) -> dequantized tensor name
@@ -131,6 +134,7 @@ class Rewriter:
             N=n,
             bits=4,
             block_size=block,
+            **({"accuracy_level": self.accuracy_level} if self.accuracy_level else {}),
         )
 
 
@@ -174,7 +178,8 @@ def check_exportable(quant: QuantState | None, target: str, opset: int = OPSET) 
             raise ExportError(f"INT4 DequantizeLinear with block_size needs opset {OPSET_INT4}, not {opset}")
 
 
-def quantize_graph(model_proto: onnx.ModelProto, model: torch.nn.Module, quant: QuantState, target: str) -> dict:
+def quantize_graph(model_proto: onnx.ModelProto, model: torch.nn.Module, quant: QuantState, target: str,
+                   accuracy_level: int = 0) -> dict:  # fmt: skip
     """Rewrite `model_proto` in place for `target`; returns counts of what was rewritten."""
     if target not in TARGETS:
         raise ExportError(f"unknown ONNX target {target!r}; allowed: {', '.join(TARGETS)}")
@@ -182,6 +187,7 @@ def quantize_graph(model_proto: onnx.ModelProto, model: torch.nn.Module, quant: 
     graph = model_proto.graph
     lookup = linear_weights(model, quant)
     rw = Rewriter(graph, quant, target)
+    rw.accuracy_level = accuracy_level
     used_weights: set[str] = set()
     nodes = []
     producers = {out: n for n in graph.node for out in n.output}
@@ -193,7 +199,7 @@ def quantize_graph(model_proto: onnx.ModelProto, model: torch.nn.Module, quant: 
         name, weight = hit
         prefix = f"{name}.weight_q"
         used_weights.add(init.name)
-        if quant.bits == 4 and target == "onnx-ort":
+        if quant.bits == 4 and target in ORT_TARGETS:
             nodes.append(rw.matmul_nbits(node, name, weight, prefix))
             continue
         b = rw.int8_weight(name, weight, prefix) if quant.bits == 8 else rw.int4_weight(name, weight, prefix)

@@ -23,28 +23,42 @@ import torch
 from dscompress.artifact import ONNX_SIDE_FILES
 from dscompress.calibrate.metrics import evaluate
 from dscompress.export import trt_rules
+from dscompress.export.genai import PAST, check_genai, rename_cache, write_config
 from dscompress.export.onnx import EXTERNAL_DATA_ABOVE, OPSET, ExportError, export_float
-from dscompress.export.onnx_quant import TARGETS, check_exportable, quantize_graph
+from dscompress.export.onnx_quant import ORT_TARGETS, TARGETS, check_exportable, quantize_graph
 from dscompress.export.ort_runner import MODEL_FILE, OrtLM, torch_greedy
 from dscompress.gates import Verdict, greedy_verdict, parity_verdicts
 from dscompress.models.load import load_model
 from dscompress.quant.qstate import QuantState
 
+# MatMulNBits' accuracy_level for the ONNX Runtime targets unless asked otherwise. Measured on SmolLM2 INT4 g64 on 2
+# CPU threads (docs/BENCHMARKS.md, "ONNX Runtime GenAI"): 4 (int8 activations) decoded no faster (11.84 vs 11.93
+# ms/token in our loop, 10.28 vs 10.02 under ORT GenAI; run-to-run spread about 20%) at +0.002% perplexity, so the
+# default keeps the float-activation arithmetic; `accuracy_level: 4` is there for CPUs where it pays.
+ACCURACY_LEVEL = 0
 
-def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset: int = OPSET) -> dict:
-    """Write `target` for the checkpoint in `stage` into `out`; returns export.json's content."""
+
+def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset: int = OPSET,
+                 accuracy_level: int | None = None) -> dict:  # fmt: skip
+    """Write `target` for the checkpoint in `stage` into `out`; returns export.json's content. accuracy_level:
+    MatMulNBits' for the ONNX Runtime targets (None: ACCURACY_LEVEL)."""
     if target not in TARGETS:
         raise ExportError(f"unknown ONNX target {target!r}; allowed: {', '.join(TARGETS)}")
-    if fp16 and target != "onnx-ort":
-        raise ExportError("fp16 is an onnx-ort option; the onnx target keeps float32 around its Q/DQ nodes")
+    if (fp16 or accuracy_level is not None) and target not in ORT_TARGETS:
+        raise ExportError("fp16 and accuracy_level are options of the ONNX Runtime targets (onnx-ort, ort-genai); "
+                          "the onnx target keeps float32 around its Q/DQ nodes")  # fmt: skip
+    if accuracy_level is None:
+        accuracy_level = ACCURACY_LEVEL if target in ORT_TARGETS else 0
     quant = QuantState.load(stage)
     check_exportable(quant, target, opset)  # from quantization.json alone, before minutes of exporting
+    if target == "ort-genai":
+        check_genai(stage)
     model = load_model(stage).eval()
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILE
     meta = export_float(model, path, opset)
     proto = onnx.load(str(path))
-    counts = quantize_graph(proto, model, quant, target) if quant is not None else {}
+    counts = quantize_graph(proto, model, quant, target, accuracy_level) if quant is not None else {}
     if quant is not None and counts["quantized_linears"] != counts["expected_linears"]:
         raise ExportError(
             f"matched {counts['quantized_linears']} of {counts['expected_linears']} quantized Linears in the graph"
@@ -55,7 +69,7 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
     onnx.shape_inference.infer_shapes_path(str(path), str(out / ".inferred.onnx"))
     (out / ".inferred.onnx").unlink()
     fused = {}
-    if target == "onnx-ort":  # ORT-only operators from here on: ONNX Runtime itself validates them (parity)
+    if target in ORT_TARGETS:  # ORT-only operators from here on: ONNX Runtime itself validates them (parity)
         proto, fused = ort_fusions(onnx.load(str(path)))
         if fp16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -63,6 +77,9 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
             proto = convert_float_to_float16(
                 proto, keep_io_types=False, op_block_list=["MatMulNBits"], disable_shape_infer=True
             )
+        if target == "ort-genai":  # the cache under the names ORT GenAI and optimum use
+            meta["inputs"] = rename_cache(proto, meta["layout"]["layers"])
+            meta["past_name"] = PAST
         _save(proto, path, external)
     problems = trt_rules.check(onnx.load(str(path), load_external_data=False)) if target == "onnx" else []
     if problems:
@@ -75,7 +92,10 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
         "method": quant.method if quant else None,
         "tensorrt_rules": "passed" if target == "onnx" else "n/a",
         "ort_fusions": fused,
+        "accuracy_level": accuracy_level,
     }
+    if target == "ort-genai":
+        write_config(out, stage, meta, max_length=2048)
     (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
     for name in ONNX_SIDE_FILES:
         if (stage / name).exists():
@@ -121,7 +141,11 @@ def ort_fusions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
 # What each target's gate measures: the runtime it deploys on. `onnx` is for TensorRT, whose INT8 arithmetic is
 # the graph's Q/DQ taken literally (ONNX Runtime with Q/DQ fusion off computes the same); `onnx-ort` is for ONNX
 # Runtime itself, with its default session (Q/DQ pairs fused into its integer kernels).
-DEPLOYS_ON = {"onnx": "exact Q/DQ, as TensorRT computes it", "onnx-ort": "default ONNX Runtime session"}
+DEPLOYS_ON = {
+    "onnx": "exact Q/DQ, as TensorRT computes it",
+    "onnx-ort": "default ONNX Runtime session",
+    "ort-genai": "default ONNX Runtime session (the one ONNX Runtime GenAI opens on this graph)",
+}
 
 
 def parity(

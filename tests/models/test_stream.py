@@ -39,7 +39,7 @@ def _streamed_recipe(path, arch: str, stages: str = GPTQ, stream: bool = True):
     return recipe
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3"])
 def test_streamed_gptq_equals_the_in_memory_run_and_loads_in_transformers(tmp_path, arch):
     from transformers import AutoModelForCausalLM
 

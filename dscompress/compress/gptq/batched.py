@@ -93,11 +93,10 @@ def solve_static(W, Hinv, col_group, scale, zero, bits: int, block_size: int, ke
     Hinv (E, in, in) are in visiting order; col_group (E, in) is each visited column's group; scale and zero
     (E, out, G). kernel "auto" runs fused.py's one-launch-per-block kernel where it can (CUDA with Triton),
     "torch" always the eager loop. Returns Q (E, out, in) in visiting order and the loss per matrix."""
+    if kernel == "auto" and fused.available(W.device):
+        return fused.solve(W, Hinv, col_group, scale, zero, bits, block_size)
     WT = W.transpose(1, 2).contiguous()  # (E, in, out): a column of W is a contiguous row
     scale_t, zero_t = scale.transpose(1, 2), zero.transpose(1, 2).float()  # (E, G, out)
-    if kernel == "auto" and fused.available(W.device):
-        QT, loss = fused.solve_static(WT, Hinv, col_group, scale_t, zero_t, bits, block_size)
-        return QT.transpose(1, 2), loss
     return _solve_eager(WT, Hinv, col_group, scale_t, zero_t, bits, block_size)
 
 

@@ -66,6 +66,13 @@ def solve_static(WT, Hinv, col_group, scale_t, zero_t, bits: int, block_size: in
     return QT, loss.cpu()
 
 
+def solve(W, Hinv, col_group, scale, zero, bits: int, block_size: int):
+    """`solve_static` on W (E, out, in) and grids (E, out, G) as the solvers hold them: Q (E, out, in) and loss."""
+    WT = W.transpose(1, 2).contiguous()  # (E, in, out): a column of W is a contiguous row
+    QT, loss = solve_static(WT, Hinv, col_group, scale.transpose(1, 2), zero.transpose(1, 2).float(), bits, block_size)
+    return QT.transpose(1, 2), loss
+
+
 @functools.cache
 def _kernel():
     """The jitted kernel, defined on first use: Triton is imported only where the kernel runs."""

@@ -193,9 +193,8 @@ def gptq_quantize(
     if not static:
         assert block_size % gs == 0, f"block size {block_size} must be a multiple of group size {gs}"
     if static and kernel == "auto" and fused.available(W.device):
-        QT, losses = fused.solve_static(W.t().contiguous()[None], Hinv[None], (perm // gs)[None], scale.t()[None],
-                                        zero.t()[None].float(), bits, block_size)  # fmt: skip
-        Q, loss = QT[0].t(), float(losses[0])
+        Q, losses = fused.solve(W[None], Hinv[None], (perm // gs)[None], scale[None], zero[None], bits, block_size)
+        Q, loss = Q[0], float(losses[0])
     else:
         Q, loss = _solve(W, Hinv, perm, scale, zero, bits, gs, sym, static, block_size)
     return GPTQResult(Q[:, torch.argsort(perm)], scale, zero, g_idx, damp_used, loss)

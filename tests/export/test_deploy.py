@@ -220,3 +220,24 @@ def test_every_device_has_its_facts():
     for device in DEVICES.values():
         assert device.bandwidth_gbs > 0 and device.memory_bytes > device.usable_bytes > 0
         assert "fp8" not in device.precisions or not device.jetson  # Orin has no FP8 (nor FP4)
+
+
+@pytest.mark.heavy
+def test_edgellm_exports_our_symmetric_g128_gptq_checkpoint(tmp_path):
+    """NVIDIA TensorRT-Edge-LLM 0.11's export step (in its own venv: it pins transformers 5.14.1) reads our packed
+    GPTQ checkpoint and turns every quantized Linear into its INT4 group-wise GEMM plugin. The engine build needs
+    TensorRT on the device (Orin: JetPack 7.2) and is not run here."""
+    from conftest import REPO
+
+    stages = "  - gptq: {bits: 4, group_size: 128, symmetric: true}"
+    recipe = tiny_recipe(tmp_path / "r.yaml", "tiny:qwen3", stages)
+    assert cli("run", str(recipe), "--out", str(tmp_path / "out")).returncode == 0
+    packed, edge = tmp_path / "g", tmp_path / "edge"
+    assert cli("export", str(tmp_path / "out" / "1-gptq"), "--format", "gptq", "--out", str(packed)).returncode == 0
+    script = str(REPO / "bench" / "edgellm_export.py")
+    done = subprocess.run([sys.executable, script, "--checkpoint", str(packed), "--out", str(edge)],
+                          capture_output=True, text=True, timeout=3000)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["int4_plugin_linears"] == 14  # 7 projections x 2 layers
+    assert result["operators"]["trt_edgellm::AttentionPlugin"] == 2

@@ -300,7 +300,7 @@ def load_streamed(directory: Path, dtype: str = "float32", trust_remote_code: bo
         shards = Shards(directory)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelSourceError(f"{directory}: cannot read its safetensors shards ({exc})") from None
-    _check_names(directory, model, adapter, shards)
+    check_names(directory, model, adapter, shards)
     layers = adapter.layers_path + "."
     rest = [n for n in shards.files if not n.startswith(layers) and n in model.state_dict()]
     tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in shards.read(rest).items()}
@@ -312,8 +312,9 @@ def load_streamed(directory: Path, dtype: str = "float32", trust_remote_code: bo
     return model.eval()
 
 
-def _check_names(directory: Path, model, adapter, shards: Shards) -> None:
-    """check_complete's refusals, from the shard headers against the architecture's tensors (disk names)."""
+def check_names(directory: Path, model, adapter, shards: Shards) -> None:
+    """check_complete's refusals, from the shard headers against the architecture's tensors (disk names): a
+    checkpoint that only loads through transformers' key mapping (other prefixes) cannot be streamed."""
     expected = {k: tuple(v.shape) for k, v in to_disk(model.state_dict()).items()}
     if getattr(model.config, "tie_word_embeddings", False):
         expected.pop(adapter.lm_head_path + ".weight", None)

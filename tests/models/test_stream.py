@@ -135,3 +135,21 @@ def test_two_streaming_workers_write_the_stage_the_in_memory_two_worker_run_give
     whole = json.loads(cli_here("plan", "--json", str(tmp_path / "False.yaml")).stdout)
     assert plan["peak_memory_bytes"] < whole["peak_memory_bytes"]
     assert plan["stages"][0]["accelerator_peak"]["expert_budget_share"] > 0  # an MoE model: a share of free memory
+
+
+def test_workers_get_a_copy_when_the_input_only_loads_through_key_mapping(tmp_path):
+    """A checkpoint saved from the bare backbone (no `model.` prefix) loads in transformers, but cannot be read
+    layer by layer under the model's names: devices: 2 writes the workers a copy instead of failing."""
+    from dscompress.compress.gptq.apply import apply
+    from dscompress.compress.gptq.dist import streamable
+
+    source = resolve("tiny:llama").directory
+    for f in source.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(source / "model.safetensors"))
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    model = load_model(tmp_path)
+    with StageContext.standalone(model, WINDOWS, quiet=True, input_dir=tmp_path) as ctx:
+        assert not streamable(tmp_path, model, ctx.adapter)
+        out = apply(model, GPTQConfig(group_size=32, devices=2), ctx)
+    assert out.summary["devices"] == 2 and len(out.quant.targets) == 14

@@ -31,9 +31,9 @@ from dscompress.compress.gptq.ranks import Ranks
 from dscompress.compress.gptq.solve import quantize
 from dscompress.compress.workers import WorkerJob, run_workers
 from dscompress.context import PassOutput, StageContext, make_progress
-from dscompress.errors import RecipeError
+from dscompress.errors import ModelSourceError, RecipeError
 from dscompress.models.adapters import adapter_for
-from dscompress.models.stream import load_layers, load_streamed, stream_of
+from dscompress.models.stream import Shards, check_names, load_layers, load_streamed, stream_of
 from dscompress.quant.qstate import QuantState
 
 
@@ -51,9 +51,9 @@ def launch(model, config: GPTQConfig, ctx: StageContext, world: int) -> PassOutp
     with tempfile.TemporaryDirectory(prefix="dscompress-gptq-") as scratch:
         wdir = (ctx.resume_dir or Path(scratch)) / "workers"
         wdir.mkdir(parents=True, exist_ok=True)
-        if ctx.input_dir is not None:  # the stage's input is exactly `model`: the workers load it themselves
-            model_dir = ctx.input_dir
-        else:
+        if ctx.input_dir is not None and streamable(ctx.input_dir, model, ctx.adapter):
+            model_dir = ctx.input_dir  # the stage's input is exactly `model`: the workers read it themselves
+        else:  # workers stream their layers, which needs transformers' own tensor names: written here once
             model_dir = wdir / "input"
             model.save_pretrained(model_dir)
         save_file({"calibration": ctx.calibration().contiguous()}, str(wdir / "windows.safetensors"))
@@ -82,11 +82,26 @@ def launch(model, config: GPTQConfig, ctx: StageContext, world: int) -> PassOutp
     return PassOutput(model, quant=state, summary=summary)
 
 
+def streamable(directory: Path, model, adapter) -> bool:
+    """Whether the workers can read `directory` layer by layer (its tensors carry the names the model uses)."""
+    try:
+        check_names(directory, model, adapter, Shards(directory))
+    except (ModelSourceError, OSError, ValueError, KeyError):
+        return False
+    return True
+
+
 def lead(model, config: GPTQConfig, ctx: StageContext) -> PassOutput:
     """Rank 0 under an outside launcher (compress/cluster.py): hand the job to every rank, then run the same
     data-parallel pass as `devices: N` here, on the runner's own model and progress display."""
     if ctx.input_dir is None:
         raise RecipeError("gptq under an outside launcher needs its input on disk (a recipe stage's input)")
+    if not streamable(ctx.input_dir, model, ctx.adapter):
+        raise RecipeError(
+            f"gptq under an outside launcher: every rank reads {ctx.input_dir} layer by layer, and its tensors are "
+            "not under the architecture's own names (it loads only through transformers' key mapping). Fix: save "
+            "the model once with transformers' save_pretrained and point model.path at that copy"
+        )
     job = GPTQJob(config=config, model_dir=ctx.input_dir, dtype=ctx.dtype, device=ctx.device.type, seed=ctx.seed,
                   resume_dir=ctx.resume_dir)  # fmt: skip
     windows = ctx.calibration()

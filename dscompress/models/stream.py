@@ -12,7 +12,7 @@ copied to CPU memory.
 
 Checkpoints keep transformers' file layout: a routed expert's projections are separate tensors on disk
 (`mlp.experts.E.gate_proj.weight`, ...) and stacked in memory (`mlp.experts.gate_up_proj` [E, 2I, H],
-`mlp.experts.down_proj` [E, H, I]); `to_module` and `to_disk` convert one layer either way.
+`mlp.experts.down_proj` [E, H, I]); `read_layer` stacks them as it reads and `to_disk` splits them again.
 """
 
 from __future__ import annotations

@@ -160,6 +160,11 @@ def _stage_charts(s: dict) -> str:
         values = [(f"layer {i}", v) for i, v in enumerate(summary["layer_loss"])]
         out.append(bars(f"gptq-{s['dir']}", f"{s['dir']}: GPTQ loss per decoder layer", "decoder layer",
                         "sum (w - q)^2 / Hinv_cc^2", values))  # fmt: skip
+    peaks = summary.get("layer_peak_accelerator_gib") or []
+    if any(peaks):  # GPU runs only: the most each block held while read, solved and stored
+        values = [(f"layer {i}", max(p.values())) for i, p in enumerate(peaks) if p]
+        out.append(bars(f"gpu-{s['dir']}", f"{s['dir']}: accelerator memory peak per decoder layer", "decoder layer",
+                        "GiB", values))  # fmt: skip
     if summary.get("sizes"):  # uniform widths (every layer the same): a table, not a chart
         cells = "".join(f"<tr><th>{escape(k)}</th><td>{v}</td></tr>" for k, v in summary["sizes"].items())
         caption = f"{s['dir']}: widths after pruning ({summary.get('removed_pct', 0):.1f}% of parameters removed)"

@@ -105,3 +105,20 @@ def test_int8_sensitivity_and_fallback_chart_matches_report_json(tmp_path):
     assert len(marks) == summary["sites"] > 0
     html = (out / "report.html").read_text()
     assert f"{len(summary['fallback_sites'])} of {summary['sites']}" in html
+
+
+def test_gptq_gpu_peaks_per_layer_are_drawn_from_the_summary(tmp_path):
+    """On a GPU the gptq pass reports each block's accelerator peak per phase; the report draws the largest. (CI has
+    no GPU: a CPU run's report gets the values a GPU run writes, then is rendered again.)"""
+    from dscompress.report_html import render_html
+
+    out = tmp_path / "out"
+    dscompress.run(tiny_recipe(tmp_path / "r.yaml", stages="  - gptq: {bits: 4, group_size: 32}"), out)
+    report = json.loads((out / "report.json").read_text())
+    summary = report["stages"][1]["summary"]
+    assert summary["layer_peak_accelerator_gib"] == [{}, {}]  # the CPU run: no accelerator
+    summary["layer_peak_accelerator_gib"] = [{"load": 1.0, "solve": 5.2, "store": 1.3}, {"load": 22.0, "solve": 39.3}]
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "report.html").write_text(render_html(report))
+    marks = charts(tmp_path / "gpu")["gpu-1-gptq"]
+    assert [(label, y) for label, _, y in marks] == [("layer 0", 5.2), ("layer 1", 39.3)]

@@ -80,6 +80,9 @@ def run_workers(module: str, job: Path, world: int, on_progress: Callable[[dict]
         f"--nproc_per_node={world}",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
+        # the elastic agent's logs go with the job (its default is a new /tmp/torchelastic_* folder per run, never
+        # removed); the job folder is removed with the stage's scratch or resume folder
+        f"--log-dir={wdir / 'elastic'}",
         "-m",
         module,
         str(job),

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from conftest import REPO, cli, tiny_recipe
@@ -15,9 +16,10 @@ from dscompress.compress.workers import free_port
 STAGES = "  - gptq: {{bits: 4, group_size: 32, devices: {devices}}}\n    gate: {{kl: {{max: 1.0}}}}"
 
 
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args: str, nproc: int = 2, log_dir: Path | None = None) -> subprocess.CompletedProcess:
+    logs = [f"--log-dir={log_dir}"] if log_dir else []  # a user's launcher: its logs where the test says
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "dscompress.cli", *args]  # fmt: skip
+           f"--master_port={free_port()}", *logs, "-m", "dscompress.cli", *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
@@ -27,7 +29,7 @@ def test_a_torchrun_launched_run_joins_the_group_and_equals_devices_2(tmp_path):
     the same data-parallel pass as `devices: 2`, which spawns its own two workers, so the same weights."""
     arch = "deepseek_v3"  # a dense first layer (rows split) and routed experts (experts split)
     launched = torchrun("run", str(tiny_recipe(tmp_path / "a.yaml", f"tiny:{arch}", STAGES.format(devices=1))),
-                        "--out", str(tmp_path / "launched"))  # fmt: skip
+                        "--out", str(tmp_path / "launched"), log_dir=tmp_path / "logs")  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-3000:]
     inner = cli("run", str(tiny_recipe(tmp_path / "b.yaml", f"tiny:{arch}", STAGES.format(devices=2))), "--out",
                 str(tmp_path / "inner"))  # fmt: skip
@@ -43,6 +45,7 @@ def test_a_torchrun_launched_run_joins_the_group_and_equals_devices_2(tmp_path):
 
 def test_passes_that_cannot_spread_over_the_launchers_ranks_say_so(tmp_path):
     stages = "  - distill: {budget: {tokens: 512}, devices: 2}"
-    result = torchrun("run", str(tiny_recipe(tmp_path / "r.yaml", stages=stages)), "--out", str(tmp_path / "o"))
+    result = torchrun("run", str(tiny_recipe(tmp_path / "r.yaml", stages=stages)), "--out", str(tmp_path / "o"),
+                      log_dir=tmp_path / "logs")  # fmt: skip
     assert result.returncode != 0
     assert "outside launcher (torchrun)" in result.stderr and "Fix: devices: 1" in result.stderr

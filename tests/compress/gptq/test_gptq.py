@@ -169,9 +169,13 @@ def test_two_processes_give_the_one_process_result(tmp_path):
     """devices: 2 on CPU: two gloo workers, each with half the windows; the Hessians are averaged and the solves
     split (rows of dense groups, whole experts), so the result is one device's up to float summation order.
     DeepSeek-V3 has both: a dense first layer (rows split) and routed experts (experts split)."""
+    import tempfile
+
     arch = "deepseek_v3"
     one = run_pass(arch, GPTQConfig(group_size=32))
+    elastic = set(Path(tempfile.gettempdir()).glob("torchelastic_*"))
     two = run_pass(arch, GPTQConfig(group_size=32, devices=2), resume_dir=tmp_path / "two")
+    assert set(Path(tempfile.gettempdir()).glob("torchelastic_*")) == elastic  # the launcher's logs stay with the job
     assert (one.summary["devices"], two.summary["devices"]) == (1, 2)
     assert two.summary["calibration_tokens"] == one.summary["calibration_tokens"] == CALIB.numel()
     assert two.summary["experts_rtn_fallback"] == one.summary["experts_rtn_fallback"]

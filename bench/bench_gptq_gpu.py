@@ -7,7 +7,9 @@ block at a time:
     python bench/bench_gptq_gpu.py --shape qwen2.5-7b --cap-gib 10 --samples 64 --seq-len 512
 
 With --stream-dir the checkpoint is written to disk and quantized by a fresh process with model.stream (one
-layer in memory at a time), whose peak RSS is reported; --fp8-dir writes it in DeepSeek's FP8 layout first.
+layer in memory at a time), whose peak RSS is reported; --fp8-dir writes it in DeepSeek's FP8 layout first (a
+streamed run reads the FP8 shards as they are). bench/gptq_gpu_side_by_side.py drives this script (--write,
+--load-from, --stream-from) and llm-compressor on the same checkpoint.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, Qwen2Config, Qwen3MoeConfig
 
 from dscompress.compress.gptq import solve
@@ -196,7 +198,21 @@ def parse_args() -> argparse.Namespace:
                     help="model.stream: write the checkpoint (bf16, or the FP8 one's bf16 conversion) and quantize "
                          "it in a fresh process that reads one layer at a time and writes the result's shards "
                          "here: that process's peak RSS is the pass's")  # fmt: skip
-    ap.add_argument("--stream-from", type=Path, default=None, help=argparse.SUPPRESS)  # the fresh process
+    ap.add_argument(
+        "--stream-from",
+        type=Path,
+        default=None,
+        help="quantize this checkpoint folder (bf16 or FP8) with model.stream, writing to --stream-dir",
+    )
+    ap.add_argument("--load-from", type=Path, default=None, help="load this bf16 checkpoint folder, then quantize")
+    ap.add_argument("--write", type=Path, default=None, help="only write the random model there as a checkpoint")
+    ap.add_argument("--write-fp8", action="store_true", help="with --write: in DeepSeek-V3's FP8 layout")
+    ap.add_argument(
+        "--windows",
+        type=Path,
+        default=None,
+        help="calibration token windows (a safetensors file with `windows`); default: random tokens",
+    )
     return ap.parse_args()
 
 
@@ -205,10 +221,19 @@ def main() -> None:
     device = torch.device(args.device)
     if args.expert_memory_share is not None:
         solve.EXPERT_MEMORY_SHARE = args.expert_memory_share
-    if args.stream_from:
-        sampler = RssSampler()
-        model, extra = load_streamed(args.stream_from, "bfloat16"), {"stream": True}
-        extra["rss_after_load_gib"] = sampler.now()
+    if args.write:
+        t0 = time.perf_counter()
+        write_checkpoint(random_model(args.shape, torch.bfloat16, device), args.write, device, fp8=args.write_fp8)
+        size = sum(f.stat().st_size for f in args.write.glob("*.safetensors"))
+        print(json.dumps({"write_s": round(time.perf_counter() - t0, 1), "checkpoint_bytes": size}))
+        return
+    if args.stream_from or args.load_from:
+        sampler, t0 = RssSampler(), time.perf_counter()
+        if args.stream_from:  # an FP8 checkpoint is read as it is, dequantized layer by layer
+            model, extra = load_streamed(args.stream_from, "bfloat16"), {"stream": True}
+        else:
+            model, extra = load_model(args.load_from, "bfloat16"), {}
+        extra |= {"load_s": round(time.perf_counter() - t0, 2), "rss_after_load_gib": sampler.now()}
     else:
         model, extra = prepare(args, device)
         if args.stream_dir:
@@ -219,7 +244,7 @@ def main() -> None:
             return
         extra.pop("directory", None)
     result = quantize(args, model, device) | extra
-    if args.stream_from:  # ru_maxrss survives fork + exec (the parent's model would count): the sampled peak
+    if args.stream_from or args.load_from:  # ru_maxrss survives fork + exec (a parent's model would count)
         result |= sampler.peaks()
         result["peak_cpu_rss_gib"] = result["peak_vmrss_gib"]
     print(json.dumps(result))
@@ -228,7 +253,8 @@ def main() -> None:
 
 
 def prepare(args, device: torch.device):
-    """The random model in memory, or (FP8 and stream runs) written to disk and, for FP8, converted."""
+    """The random model in memory, or written to disk (FP8 and stream runs): a streamed run reads it as written
+    (FP8 too), an in-memory FP8 run reads its bf16 conversion."""
     t0 = time.perf_counter()
     model = random_model(args.shape, torch.bfloat16, device)
     extra = {"model_build_seconds": round(time.perf_counter() - t0, 1)}
@@ -239,16 +265,12 @@ def prepare(args, device: torch.device):
     write_checkpoint(model, target, device, fp8=args.fp8_dir is not None)
     del model
     t2 = time.perf_counter()
+    if args.stream_dir:  # read as written (an FP8 one too: model.stream dequantizes layer by layer)
+        return None, extra | {"checkpoint_write_s": round(t2 - t1, 1), "directory": target}
     directory = resolve(str(target)).directory  # FP8 -> bf16, shard by shard, into the cache
     t3 = time.perf_counter()
-    extra |= {"checkpoint_write_s": round(t2 - t1, 1), "directory": directory}
-    if args.fp8_dir:
-        extra |= {"fp8_to_bf16_s": round(t3 - t2, 1),
-                  "fp8_bytes": sum(f.stat().st_size for f in args.fp8_dir.glob("*.safetensors"))}  # fmt: skip
-        if args.stream_dir:  # the bf16 conversion is what the pass reads: disk for the output
-            shutil.rmtree(args.fp8_dir)
-    if args.stream_dir:
-        return None, extra
+    extra |= {"checkpoint_write_s": round(t2 - t1, 1), "directory": directory, "fp8_to_bf16_s": round(t3 - t2, 1),
+              "fp8_bytes": sum(f.stat().st_size for f in args.fp8_dir.glob("*.safetensors"))}  # fmt: skip
     model = load_model(directory, "bfloat16")
     extra |= {"load_s": round(time.perf_counter() - t3, 1), "process_peak_rss_gib_before_pass": round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # fmt: skip
@@ -276,7 +298,10 @@ def quantize(args, model, device: torch.device) -> dict:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, 0)
     n_params = sum(p.numel() for p in model.parameters())
-    windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=torch.Generator())
+    if args.windows:
+        windows = load_file(args.windows)["windows"]
+    else:
+        windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=torch.Generator())
     config = GPTQConfig(bits=4, group_size=args.group_size, symmetric=True, batch_size=8, kernel=args.kernel)
     targets = list(adapter_for(model.config).weight_targets(model))
     free = torch.cuda.mem_get_info(device)[0] if cuda else None
@@ -297,7 +322,7 @@ def quantize(args, model, device: torch.device) -> dict:
     return {
         "shape": args.shape, "params": n_params, "model_bytes_bf16": n_params * 2,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "cap_gib": args.cap_gib,
-        "samples": args.samples, "seq_len": args.seq_len, "group_size": args.group_size,
+        "samples": windows.shape[0], "seq_len": windows.shape[1], "group_size": args.group_size,
         "gptq_seconds": round(seconds, 2),
         "seconds_per_billion_params": round(seconds / (n_params / 1e9), 2),
         "peak_accelerator_gib": round(out.summary["peak_accelerator_bytes"] / 2**30, 3),
@@ -305,6 +330,7 @@ def quantize(args, model, device: torch.device) -> dict:
         "peak_cpu_rss_gib": round(out.summary["peak_rss_bytes"] / 2**30, 3),
         "largest_layer_gib": round(largest_layer / 2**30, 3),
         "layer_peak_accelerator_gib": out.summary["layer_peak_accelerator_gib"],
+        "layer_seconds": out.summary["layer_seconds"],
         "expert_memory_share": solve.EXPERT_MEMORY_SHARE, "kernel": args.kernel, "torch": torch.__version__,
     }  # fmt: skip
 

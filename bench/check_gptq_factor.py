@@ -1,9 +1,10 @@
-"""Equivalence check of GPTQ's inverse-Hessian factor on real SmolLM2 (CPU): the factor from one Cholesky of the
-reversed Hessian and an in-place triangular inverse (math.inverse_hessian_factor) against the former cholesky_inverse
-+ second Cholesky, each W4 g64 asymmetric on the same 32 x 256 pydoc windows, set beside the noise floor (the same
-code with batch_size 4 instead of 8). Prints JSON; KL is on 16 x 256 held-out windows.
+"""Equivalence check of GPTQ's inverse-Hessian factor on a real bundled model (CPU): the factor from one Cholesky of
+the reversed Hessian and an in-place triangular inverse (math.inverse_hessian_factor) against the former
+cholesky_inverse + second Cholesky, each W4 asymmetric on the same 32 x 256 pydoc windows, set beside the noise
+floor (the same code with batch_size 4 instead of 8). Prints JSON; KL is on 16 x 256 held-out windows.
 
-    python bench/check_gptq_factor.py > bench/results/gptq_factor_smollm2.json
+    python bench/check_gptq_factor.py > bench/results/gptq_factor_smollm2.json            # SmolLM2, group 64
+    python bench/check_gptq_factor.py qwen2.5-coder-0.5b-instruct 128 > bench/results/gptq_factor_qwen.json
 """
 
 import json
@@ -22,7 +23,9 @@ from dscompress.models.load import load_model, load_tokenizer
 from dscompress.models.sources import resolve
 
 torch.set_num_threads(2)
-d = resolve("bundled:smollm2-135m-instruct").directory
+MODEL = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m-instruct"
+GROUP = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+d = resolve(f"bundled:{MODEL}").directory
 spec = DataSpec(eval=SplitSpec(samples=16, seq_len=256), calibration=SplitSpec(samples=32, seq_len=256))
 corpus = Corpus(spec, load_tokenizer(d))
 cal, ev = corpus.windows("calibration"), corpus.windows("eval")
@@ -52,7 +55,7 @@ def run(factor, batch):
     m = load_model(d)
     with StageContext.standalone(m, cal, quiet=True) as ctx:
         t = time.time()
-        out = apply(m, GPTQConfig(bits=4, group_size=64, symmetric=False, batch_size=batch), ctx)
+        out = apply(m, GPTQConfig(bits=4, group_size=GROUP, symmetric=False, batch_size=batch), ctx)
     print("run", factor.__name__, batch, round(time.time() - t, 1), file=sys.stderr)
     return out.model
 
@@ -78,6 +81,8 @@ def same(a, b):
 
 
 res = {
+    "model": MODEL,
+    "group_size": GROUP,
     "kl_new_vs_old": kl(lp["old"], lp["new"]),
     "equal_weights_new_vs_old": same(models["new"], models["old"]),
     "kl_noise_floor_batch4_vs_8": kl(lp["new"], lp["new_b4"]),

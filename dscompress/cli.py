@@ -142,7 +142,7 @@ def _load(recipe_path: Path, with_model: bool = True):
     from dscompress.plan import check_against_model
 
     _quiet_libraries()
-    directory = resolve(recipe.model.path).directory
+    directory = resolve(recipe.model.path, keep_fp8=recipe.model.stream).directory
     info = inspect_model(directory, recipe.model.trust_remote_code)
     check_against_model(recipe, located, info)
     load_tokenizer(directory)  # every run cuts its windows with it

@@ -8,6 +8,7 @@ against report.json, and the same numbers are in the tables under it.
 
 from __future__ import annotations
 
+import math
 from html import escape
 
 W, H, PAD, LEFT = 580, 260, 48, 84  # LEFT: room for the y tick labels and the y title
@@ -21,13 +22,20 @@ def _scale(values: list[float], lo_px: float, hi_px: float):
     return lambda v: lo_px + (v - lo) / (hi - lo) * (hi_px - lo_px), lo, hi
 
 
+def _tick_digits(lo: float, hi: float) -> int:
+    """Significant digits that keep five ticks over [lo, hi] apart: a perplexity axis from 315.02 to 315.60
+    needs six, not three (which prints 315 five times)."""
+    span = abs(hi - lo) or 1.0
+    return min(8, 3 + max(0, math.ceil(math.log10(max(abs(lo), abs(hi), span) / span))))
+
+
 def _frame(title: str, x_label: str, y_label: str, body: str, x_rng, y_rng, chart: str, x_ticks=None) -> str:
     """Axes, ticks and labels around `body`. x_ticks: [(value, label)] for categories; else 5 even ticks."""
-    ticks = []
+    ticks, digits = [], _tick_digits(*y_rng)
     for i in range(5):
         fy = y_rng[0] + (y_rng[1] - y_rng[0]) * i / 4
         py = H - PAD - (H - 2 * PAD) * i / 4
-        ticks.append(f'<text x="{LEFT - 6}" y="{py + 4:.1f}" class="t" text-anchor="end">{fy:.3g}</text>')
+        ticks.append(f'<text x="{LEFT - 6}" y="{py + 4:.1f}" class="t" text-anchor="end">{fy:.{digits}g}</text>')
     if x_ticks is None:
         x_ticks = [(x_rng[0] + (x_rng[1] - x_rng[0]) * i / 4, None) for i in range(5)]
     for value, label in x_ticks:
@@ -165,6 +173,10 @@ def _stage_charts(s: dict) -> str:
         values = [(f"layer {i}", max(p.values())) for i, p in enumerate(peaks) if p]
         out.append(bars(f"gpu-{s['dir']}", f"{s['dir']}: accelerator memory peak per decoder layer", "decoder layer",
                         "GiB", values))  # fmt: skip
+    if summary.get("layer_seconds"):  # where a long gptq pass spends its time (MoE layers against dense ones)
+        values = [(f"layer {i}", v) for i, v in enumerate(summary["layer_seconds"])]
+        out.append(bars(f"time-{s['dir']}", f"{s['dir']}: seconds per decoder layer (read, calibrate, solve, store)",
+                        "decoder layer", "seconds", values))  # fmt: skip
     if summary.get("sizes"):  # uniform widths (every layer the same): a table, not a chart
         cells = "".join(f"<tr><th>{escape(k)}</th><td>{v}</td></tr>" for k, v in summary["sizes"].items())
         caption = f"{s['dir']}: widths after pruning ({summary.get('removed_pct', 0):.1f}% of parameters removed)"

@@ -143,7 +143,7 @@ class Runner:
             self.console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
         model = self.recipe.model
         with self.console.status(f"resolving {model.path} (a GGUF or packed checkpoint converts once)"):
-            source = resolve(model.path, on_step=self._step).directory
+            source = resolve(model.path, on_step=self._step, keep_fp8=model.stream).directory
         check_against_model(self.recipe, self.located, inspect_model(source, model.trust_remote_code))
         self.corpus = Corpus(self.recipe.data, load_tokenizer(source))
         needed = {"eval"}.union(*(spec_for(s.pass_config).needs for s in self.recipe.stages))

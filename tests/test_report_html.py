@@ -122,3 +122,5 @@ def test_gptq_gpu_peaks_per_layer_are_drawn_from_the_summary(tmp_path):
     (tmp_path / "gpu" / "report.html").write_text(render_html(report))
     marks = charts(tmp_path / "gpu")["gpu-1-gptq"]
     assert [(label, y) for label, _, y in marks] == [("layer 0", 5.2), ("layer 1", 39.3)]
+    seconds = charts(out)["time-1-gptq"]  # the time per decoder layer, from the CPU run itself
+    assert [y for _, _, y in seconds] == pytest.approx(summary["layer_seconds"]) and len(seconds) == 2

@@ -7,9 +7,11 @@ The layout (DeepSeek-V3's `quantization_config`): `quant_method: fp8`, `fmt: e4m
 float weight is `w8.float() * scale_inv` over each 128 x 128 block (edge blocks are partial). Source: DeepSeek-V3's
 inference code `fp8_cast_bf16.py` / `weight_dequant`, and transformers' FineGrainedFP8 integration.
 
-Memory: one source shard (and a scale tensor borrowed from another shard, when the index puts it there) at a
-time; the bf16 result is written shard by shard with the source's index. The converted checkpoint lands in the
-model cache, so every pass and exporter reads it like any checkpoint (disk: bf16 is twice the FP8 size).
+Two ways in. In memory (`import_fp8`): one source shard (and a scale tensor borrowed from another shard, when the
+index puts it there) at a time; the bf16 result is written shard by shard with the source's index. The converted
+checkpoint lands in the model cache, so every pass and exporter reads it like any checkpoint (disk: bf16 is twice
+the FP8 size). Streamed (`model.stream: true`, `FP8Layout`): nothing is converted; each weight is dequantized as
+its layer is read, so a 671B checkpoint needs no 1.3 TB bf16 copy on disk.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dscompress.atomic import atomic_dir
 from dscompress.errors import ModelSourceError
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn}
+_HEADER_DTYPES = {"e4m3": "F8_E4M3"}  # safetensors' names for them
 SCALE_SUFFIX = "_scale_inv"
 
 
@@ -47,15 +50,21 @@ def read_fp8_scheme(qc: dict, where: Path) -> tuple[int, int]:
     return block[0], block[1]
 
 
-def dequantize_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str) -> torch.Tensor:
-    """`w` (..., rows, cols) float8 times its block scales (..., ceil(rows/b0), ceil(cols/b1)) -> bfloat16."""
-    rows, cols = w.shape[-2:]
-    expect = (*w.shape[:-2], math.ceil(rows / block[0]), math.ceil(cols / block[1]))
-    if tuple(scale_inv.shape) != expect:
+def check_scale(name: str, shape: tuple, scale_shape: tuple, block: tuple[int, int]) -> None:
+    """Refuse block scales whose shape does not tile a weight of `shape` with `block`-sized blocks."""
+    rows, cols = shape[-2:]
+    expect = (*shape[:-2], math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    if tuple(scale_shape) != expect:
         raise ModelSourceError(
-            f"{name}{SCALE_SUFFIX}: shape {tuple(scale_inv.shape)}, but a {tuple(w.shape)} weight with "
+            f"{name}{SCALE_SUFFIX}: shape {tuple(scale_shape)}, but a {tuple(shape)} weight with "
             f"{block[0]} x {block[1]} blocks needs {expect}. Fix: check weight_block_size in config.json"
         )
+
+
+def dequantize_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str) -> torch.Tensor:
+    """`w` (..., rows, cols) float8 times its block scales (..., ceil(rows/b0), ceil(cols/b1)) -> bfloat16."""
+    check_scale(name, tuple(w.shape), tuple(scale_inv.shape), block)
+    rows, cols = w.shape[-2:]
     full = scale_inv.float().repeat_interleave(block[0], -2)[..., :rows, :].repeat_interleave(block[1], -1)
     return (w.float() * full[..., :cols]).to(torch.bfloat16)
 
@@ -82,6 +91,57 @@ class _Shards:
         return None if shard is None else self.open(shard).get_tensor(key)
 
 
+def _missing_scale(key: str) -> ModelSourceError:
+    return ModelSourceError(
+        f"{key}: an FP8 weight without its {key}{SCALE_SUFFIX} block scales. Fix: use the complete "
+        "checkpoint (every shard and its model.safetensors.index.json)"
+    )
+
+
+class FP8Layout:
+    """Which tensors of an FP8 checkpoint are float8 and where their block scales lie, checked from the shard
+    headers alone (dtype, a scale for every FP8 weight, its shape), so a streamed run refuses a bad checkpoint
+    before any work, as the conversion does."""
+
+    def __init__(self, directory: Path, files: dict[str, Path], qc: dict):
+        self.block = read_fp8_scheme(qc, directory)
+        fp8 = _HEADER_DTYPES[qc.get("fmt", "e4m3")]
+        headers: dict[str, tuple[str, tuple]] = {}
+        for path in sorted(set(files.values())):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open handles are not dicts)
+                    if files.get(name) == path:
+                        part = f.get_slice(name)
+                        headers[name] = (part.get_dtype(), tuple(part.get_shape()))
+        self.scale_files: dict[str, Path] = {}  # FP8 weight name -> the file of its scales
+        for name, (dtype, shape) in headers.items():
+            if not dtype.startswith("F8"):
+                continue
+            if dtype != fp8:
+                raise ModelSourceError(f"{name}: {dtype}, but quantization_config.fmt declares {fp8}")
+            if name + SCALE_SUFFIX not in headers:
+                raise _missing_scale(name)
+            check_scale(name, shape, headers[name + SCALE_SUFFIX][1], self.block)
+            self.scale_files[name] = files[name + SCALE_SUFFIX]
+
+    def is_scale(self, name: str) -> bool:
+        return name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in self.scale_files
+
+    def dequantize(self, name: str, t: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """`t` (the tensor `name` as stored) in bf16 on `device` when it is an FP8 weight, else unchanged."""
+        if name not in self.scale_files:
+            return t
+        with safe_open(str(self.scale_files[name]), framework="pt") as f:
+            scale = f.get_tensor(name + SCALE_SUFFIX)
+        return dequantize_blocks(t.to(device), scale.to(device), self.block, name)
+
+
+def fp8_config(config: dict) -> dict | None:
+    """The `quantization_config` of an FP8 block-scaled checkpoint's config.json, or None for any other."""
+    qc = config.get("quantization_config") or {}
+    return qc if qc.get("quant_method") == "fp8" else None
+
+
 def _convert_shard(shards: _Shards, shard: str, block: tuple[int, int], fp8: torch.dtype) -> dict:
     out = {}
     handle = shards.open(shard)
@@ -94,10 +154,7 @@ def _convert_shard(shards: _Shards, shard: str, block: tuple[int, int], fp8: tor
                 raise ModelSourceError(f"{key}: {t.dtype}, but quantization_config.fmt declares {fp8}")
             scale = shards.get(key + SCALE_SUFFIX)
             if scale is None:
-                raise ModelSourceError(
-                    f"{key}: an FP8 weight without its {key}{SCALE_SUFFIX} block scales. Fix: use the complete "
-                    "checkpoint (every shard and its model.safetensors.index.json)"
-                )
+                raise _missing_scale(key)
             t = dequantize_blocks(t, scale, block, key)
         out[key] = t
     return out

@@ -21,8 +21,10 @@ import torch
 from dscompress.atomic import TMP_PREFIX, atomic_dir, sha256_file, sha256_json
 from dscompress.errors import ModelSourceError
 from dscompress.models.bundled import BUNDLED, assemble
+from dscompress.models.fp8 import fp8_config
 from dscompress.models.load import read_config_json
 from dscompress.models.packed import import_quantized
+from dscompress.models.stream import Shards
 from dscompress.models.tiny import TINY_ARCHS, write_tiny
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -167,9 +169,11 @@ def _cached(target: Path, build, on_step=None) -> Path:
     return target
 
 
-def resolve(path: str, on_step=None) -> ResolvedModel:
+def resolve(path: str, on_step=None, keep_fp8: bool = False) -> ResolvedModel:
     """Turn a recipe's `model.path` into a checked local checkpoint directory, converting once if needed.
-    `on_step(message)` hears about the slow one-time steps (assembling, verifying, dequantizing, writing)."""
+    `on_step(message)` hears about the slow one-time steps (assembling, verifying, dequantizing, writing).
+    `keep_fp8` (model.stream): an FP8 block-scaled checkpoint is checked from its headers and read as it is,
+    dequantized layer by layer when read, instead of converted to a bf16 copy."""
     if path.startswith("bundled:"):
         name = path.removeprefix("bundled:")
         if name not in BUNDLED:
@@ -215,7 +219,11 @@ def resolve(path: str, on_step=None) -> ResolvedModel:
             f"{path}: is a file; dscompress reads checkpoint directories (safetensors) or .gguf files"
         )
     check_checkpoint_dir(local)
-    if read_config_json(local).get("quantization_config"):
+    config = read_config_json(local)
+    if keep_fp8 and fp8_config(config):
+        Shards(local)  # the FP8 layout's refusals (scales missing or misshapen), from the headers
+        return ResolvedModel(local, path)
+    if config.get("quantization_config"):
         return ResolvedModel(check_checkpoint_dir(import_packed(local)), path)
     return ResolvedModel(local, path)
 

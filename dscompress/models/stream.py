@@ -10,6 +10,9 @@ it to its own shard of the output folder and points the layer at it; `Stream.sav
 index. Shards are written tensor by tensor from the device (`write_safetensors`), so only one tensor at a time is
 copied to CPU memory.
 
+An FP8 block-scaled checkpoint (DeepSeek-V3/R1, Qwen3-FP8) is read as it is: each FP8 weight is dequantized to
+bf16 as its layer is read (`FP8Layout`), and the layers written are bf16.
+
 Checkpoints keep transformers' file layout: a routed expert's projections are separate tensors on disk
 (`mlp.experts.E.gate_proj.weight`, ...) and stacked in memory (`mlp.experts.gate_up_proj` [E, 2I, H],
 `mlp.experts.down_proj` [E, H, I]); `read_layer` stacks them as it reads and `to_disk` splits them again.
@@ -27,7 +30,8 @@ import torch
 from safetensors import safe_open
 
 from dscompress.errors import ModelSourceError
-from dscompress.models.load import DTYPES, check_complete, check_finite, load_config
+from dscompress.models.fp8 import FP8Layout, fp8_config
+from dscompress.models.load import DTYPES, check_complete, check_finite, load_config, read_config_json
 
 INDEX = "model.safetensors.index.json"
 _EXPERT = re.compile(r"^(?P<p>.*experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$")
@@ -41,7 +45,7 @@ class Shards:
     """Which shard holds each tensor of a checkpoint folder (its index, or its single model.safetensors)."""
 
     def __init__(self, directory: Path):
-        self.directory = directory
+        self.directory, self.fp8 = directory, None
         if (directory / INDEX).exists():
             weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
             self.files = {name: directory / file for name, file in weight_map.items()}
@@ -49,18 +53,23 @@ class Shards:
             path = directory / "model.safetensors"
             with safe_open(str(path), "pt") as f:
                 self.files = dict.fromkeys(f.keys(), path)
+        if qc := fp8_config(read_config_json(directory)):  # FP8 weights read as bf16; scales are not tensors
+            self.fp8 = FP8Layout(directory, self.files, qc)
+            self.files = {n: p for n, p in self.files.items() if not self.fp8.is_scale(n)}
 
     @classmethod
     def of(cls, directory: Path, files: dict[str, Path]) -> Shards:
         shards = cls.__new__(cls)
-        shards.directory, shards.files = directory, files
+        shards.directory, shards.files, shards.fp8 = directory, files, None
         return shards
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor in CPU memory. The file is opened per tensor: its mapping, whose touched pages count as
-        resident memory while it is open, never spans more than this tensor."""
+    def get(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One tensor in CPU memory; an FP8 weight is dequantized to bf16 on `device` (its float32 temporaries
+        are there too). The file is opened per tensor: its mapping, whose touched pages count as resident
+        memory while it is open, never spans more than this tensor."""
         with safe_open(str(self.files[name]), "pt") as f:
-            return f.get_tensor(name)
+            t = f.get_tensor(name)
+        return t if self.fp8 is None else self.fp8.dequantize(name, t, device)
 
     def shape(self, name: str) -> tuple[int, ...]:
         with safe_open(str(self.files[name]), "pt") as f:
@@ -215,7 +224,7 @@ def read_layer(source: Shards, prefix: str, device, dtype: torch.dtype) -> dict[
         if m := _EXPERT.match(name):
             experts[m["p"]][m["w"]][int(m["e"])] = name
         else:
-            t = source.get(name)
+            t = source.get(name, device)
             out[name[len(prefix) :]] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
     for path, parts in experts.items():
         n = len(parts["down_proj"])
@@ -223,9 +232,9 @@ def read_layer(source: Shards, prefix: str, device, dtype: torch.dtype) -> dict[
         gate_up = torch.empty(n, 2 * i, h, device=device, dtype=dtype)
         down = torch.empty(n, h2, i2, device=device, dtype=dtype)
         for e in range(n):
-            gate_up[e, :i].copy_(source.get(parts["gate_proj"][e]))
-            gate_up[e, i:].copy_(source.get(parts["up_proj"][e]))
-            down[e].copy_(source.get(parts["down_proj"][e]))
+            gate_up[e, :i].copy_(source.get(parts["gate_proj"][e], device))
+            gate_up[e, i:].copy_(source.get(parts["up_proj"][e], device))
+            down[e].copy_(source.get(parts["down_proj"][e], device))
         local = path[len(prefix) :]
         out[f"{local}.gate_up_proj"], out[f"{local}.down_proj"] = gate_up, down
     check_finite(source.directory, _Named(out, prefix))
@@ -293,6 +302,8 @@ def load_streamed(directory: Path, dtype: str = "float32", trust_remote_code: bo
     from dscompress.models.adapters import adapter_for
 
     config = load_config(directory, trust_remote_code)
+    if fp8_config(read_config_json(directory)):  # read as bf16 (Shards dequantizes); what is written is not FP8
+        del config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     adapter = adapter_for(model.config)

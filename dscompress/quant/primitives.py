@@ -28,8 +28,11 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.float().reshape(*w.shape[:-1], w.shape[-1] // gs, gs)
 
 
-def minmax_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest scales and zero points. Returns scale (..., G) float32 and zero (..., G) int32.
+def minmax_qparams(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, shrink: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scales and zero points over each group's range (times `shrink`: values past the shrunk
+    range clip). Returns scale (..., G) float32 and zero (..., G) int32.
 
     >>> s, z = minmax_qparams(torch.tensor([[-1.0, 0.5, 1.0, 0.0]]), bits=4, group_size=-1, symmetric=True)
     >>> z.item(), round(s.item(), 4)
@@ -38,12 +41,12 @@ def minmax_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool)
     wg = _grouped(w, group_size)  # (..., G, gs)
     maxq = max_code(bits)
     if symmetric:
-        amax = wg.abs().amax(dim=-1)
+        amax = wg.abs().amax(dim=-1) * shrink
         scale = 2.0 * amax / maxq
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
-        wmin = wg.amin(dim=-1).clamp(max=0.0)
-        wmax = wg.amax(dim=-1).clamp(min=0.0)
+        wmin = wg.amin(dim=-1).clamp(max=0.0) * shrink
+        wmax = wg.amax(dim=-1).clamp(min=0.0) * shrink
         scale = (wmax - wmin) / maxq
         zero = torch.round(-wmin / torch.where(scale == 0, 1.0, scale)).clamp(0, maxq)
     # Scales are kept float16-representable: GPTQ and compressed-tensors checkpoints store them in 16 bits, and
@@ -51,6 +54,33 @@ def minmax_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool)
     scale = scale.half().float()
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     return scale, zero.to(torch.int32)
+
+
+CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(1, 17))  # shrinks tried after 1.0: 0.975 ... 0.6
+
+
+def searched_qparams(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, importance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the clipped range (shrink 1.0 down to 0.6 of min-max) whose grid rounds `w` with the smallest
+    squared error weighted by `importance` (..., in) (GPTQ passes diag(H): how much each input column carries).
+    The weighted MSE search of the GPTQ reference's `Quantizer(mse=True)` and of AWQ's clip search, with the
+    Hessian diagonal as the weight. Same return as `minmax_qparams`; never a larger weighted error than it."""
+    wg = _grouped(w, group_size)
+    imp = _grouped(importance.clamp(min=0).expand_as(w), group_size)
+
+    def error(scale, zero):
+        q = (torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1).float()).clamp(0, max_code(bits))
+        return (((q - zero.unsqueeze(-1).float()) * scale.unsqueeze(-1) - wg).square() * imp).sum(-1)
+
+    best_s, best_z = minmax_qparams(w, bits, group_size, symmetric)
+    best = error(best_s, best_z)
+    for shrink in CLIP_GRID:
+        s, z = minmax_qparams(w, bits, group_size, symmetric, shrink)
+        err = error(s, z)
+        better = err < best
+        best_s, best_z, best = torch.where(better, s, best_s), torch.where(better, z, best_z), torch.minimum(err, best)
+    return best_s, best_z
 
 
 def quantize_codes(

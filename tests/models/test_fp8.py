@@ -149,3 +149,49 @@ def test_bad_fp8_checkpoints_are_one_line_and_exit_2(tmp_path, case, needle):
     assert result.returncode == EXIT_BAD_INPUT, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
+def test_a_streamed_recipe_reads_fp8_as_it_is_and_equals_the_converted_run(tmp_path, arch, monkeypatch):
+    """model.stream: no bf16 copy of the checkpoint is written (the conversion would fail here); each FP8 weight
+    is dequantized as its layer is read, and the stage equals the streamed run on the converted checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from dscompress.models import packed
+
+    write_fp8(arch, tmp_path / "fp8")
+    gptq = "  - gptq: {bits: 4, group_size: 32}\n    gate: {kl: {max: 5.0}}"
+
+    def streamed(name: str, model: str) -> dict:
+        recipe = tiny_recipe(tmp_path / f"{name}.yaml", model, gptq)
+        recipe.write_text(recipe.read_text().replace(f'path: "{model}"', f'path: "{model}", stream: true'))
+        report = dscompress.run(recipe, tmp_path / name)
+        stage = tmp_path / name / "1-gptq"
+        assert json.loads((stage / "config.json").read_text()).get("quantization_config") is None
+        return {"report": report, "weights": AutoModelForCausalLM.from_pretrained(str(stage)).state_dict()}
+
+    def no_conversion(*args):
+        raise AssertionError("the FP8 checkpoint was converted")
+
+    with monkeypatch.context() as m:
+        m.setattr(packed, "import_fp8", no_conversion)
+        direct = streamed("direct", str(tmp_path / "fp8"))
+        assert cli_here("plan", str(tmp_path / "direct.yaml")).returncode == 0
+    converted = streamed("converted", str(resolve(str(tmp_path / "fp8")).directory))
+    metrics = [[s["metrics"] for s in r["report"]["stages"]] for r in (direct, converted)]
+    assert metrics[0] == metrics[1]
+    assert direct["weights"].keys() == converted["weights"].keys()
+    assert all(torch.equal(direct["weights"][k], converted["weights"][k]) for k in direct["weights"])
+
+
+@pytest.mark.parametrize("case", ["missing scale", "scale shape"])
+def test_a_bad_fp8_checkpoint_is_refused_from_its_headers_when_streamed(tmp_path, case):
+    write_fp8("qwen3", tmp_path / "fp8")
+    _break(tmp_path / "fp8", case)
+    model = str(tmp_path / "fp8")
+    recipe = tiny_recipe(tmp_path / "r.yaml", model, "  - gptq: {bits: 4, group_size: 32}")
+    recipe.write_text(recipe.read_text().replace(f'path: "{model}"', f'path: "{model}", stream: true'))
+    result = cli_here("validate", str(recipe))
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and ("without its" in lines[0] or "needs" in lines[0]), result.stderr

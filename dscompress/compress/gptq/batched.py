@@ -13,7 +13,7 @@ import torch
 
 from dscompress.compress.gptq import fused
 from dscompress.compress.gptq.math import GPTQResult, inverse_hessian_factor, visiting_order
-from dscompress.quant.primitives import fake_quantize, max_code, minmax_qparams
+from dscompress.quant.primitives import fake_quantize, max_code, minmax_qparams, searched_qparams
 
 
 def batchable(act_order, group_size: int) -> bool:
@@ -31,6 +31,7 @@ def gptq_quantize_batched(
     act_order: bool | str = True,
     block_size: int = 128,
     kernel: str = "auto",
+    clip_search: bool = False,
 ) -> list[GPTQResult]:
     """Quantize W (E, out, in) against H (E, in, in); one GPTQResult per matrix. H is consumed."""
     assert batchable(act_order, group_size), "batched GPTQ needs static groups"
@@ -41,7 +42,10 @@ def gptq_quantize_batched(
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
     W.masked_fill_(dead[:, None, :], 0.0)
-    scale, zero = minmax_qparams(W, bits, group_size, sym)  # (E, out, G): from the unmodified weights
+    if clip_search:  # (E, out, G): from the unmodified weights
+        scale, zero = searched_qparams(W, bits, group_size, sym, diag[:, None, :])
+    else:
+        scale, zero = minmax_qparams(W, bits, group_size, sym)
     if act_order:
         perm = torch.stack([visiting_order(d, gs, "static") for d in H.diagonal(dim1=1, dim2=2)])
     else:

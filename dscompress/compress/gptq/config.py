@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from dscompress.compress.selection import WithExclude
 
@@ -27,6 +27,11 @@ class GPTQConfig(WithExclude):
         description="auto: on CUDA with Triton, static grids are solved by one fused kernel per 128-column block "
         "(the eager loop launches ~6 kernels per column); torch: always the eager loop",
     )
+    clip_search: bool = Field(
+        False,
+        description="static grids: clip each group's min-max range (a shrink of 1.0 down to 0.6) where the "
+        "diag(H)-weighted rounding error is least, instead of the full range",
+    )
     true_sequential: bool = Field(True, description="re-collect inputs after each quantized group of a layer")
     batch_size: int = Field(8, ge=1, description="calibration windows per forward pass")
     moe_min_tokens: int = Field(16, ge=1, description="fewer routed tokens than this: the expert gets RTN")
@@ -40,3 +45,13 @@ class GPTQConfig(WithExclude):
         if v != "auto" and v < 1:
             raise ValueError("devices must be at least 1 (or auto)")
         return v
+
+    @model_validator(mode="after")
+    def _clip_search_needs_static_grids(self):
+        if self.clip_search and self.act_order not in (True, "static") and self.group_size != -1:
+            raise ValueError(
+                f"clip_search fixes each group's grid before the solve, and act_order {self.act_order!r} takes "
+                "grids from the updated weights as the solve goes; set act_order: true (static groups) or remove "
+                "clip_search"
+            )
+        return self

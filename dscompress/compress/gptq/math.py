@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dscompress.compress.gptq import fused
-from dscompress.quant.primitives import fake_quantize, max_code, minmax_qparams
+from dscompress.quant.primitives import fake_quantize, max_code, minmax_qparams, searched_qparams
 
 
 class HessianAccumulator:
@@ -113,8 +113,13 @@ def inverse_hessian_factor(H: torch.Tensor, damp_frac: float, retries: int = 6, 
     return None
 
 
-def _group_params(W: torch.Tensor, bits: int, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return minmax_qparams(W, bits, group_size, sym)  # (out, G) each
+def _group_params(
+    W: torch.Tensor, bits: int, group_size: int, sym: bool, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, G) scales and zeros: min-max, or with `importance` (diag H) each group's searched clipping."""
+    if importance is None:
+        return minmax_qparams(W, bits, group_size, sym)
+    return searched_qparams(W, bits, group_size, sym, importance)
 
 
 def visiting_order(diag: torch.Tensor, gs: int, act_order) -> torch.Tensor:
@@ -149,6 +154,7 @@ def gptq_quantize(
     act_order: bool | str = False,
     block_size: int = 128,
     kernel: str = "auto",
+    clip_search: bool = False,
 ) -> GPTQResult:
     """Quantize W (out, in) against Hessian H (in, in). Returns dequantized weights and their grid.
 
@@ -159,6 +165,7 @@ def gptq_quantize(
     Without act-order, each group's scale/zero is taken from the (already error-compensated) weights when the
     solver reaches the group's first column, as in the reference. With act-order, groups are static, and
     kernel "auto" solves them with fused.py's one-launch-per-block kernel where it can run (CUDA with Triton).
+    `clip_search` (static grids): each group's range is clipped where the diag(H)-weighted rounding error is least.
     """
     act_order = "static" if act_order is True else act_order
     if isinstance(H, HessianAccumulator):
@@ -176,7 +183,7 @@ def gptq_quantize(
     scale = torch.zeros(out_f, in_f // gs, device=W.device)
     zero = torch.zeros(out_f, in_f // gs, device=W.device, dtype=torch.int32)
     if static:
-        scale, zero = _group_params(W, bits, group_size, sym)
+        scale, zero = _group_params(W, bits, group_size, sym, torch.diag(H) if clip_search else None)
     perm = visiting_order(torch.diag(H), gs, act_order)
     if act_order:
         W = W[:, perm]

@@ -137,7 +137,8 @@ class _Run:
     def solver_args(self) -> dict:
         c = self.config
         return dict(bits=c.bits, group_size=c.group_size, sym=c.symmetric, damp_frac=c.damp_frac,
-                    act_order=c.act_order, block_size=c.block_size, kernel=c.kernel)  # fmt: skip
+                    act_order=c.act_order, block_size=c.block_size, kernel=c.kernel,
+                    clip_search=c.clip_search)  # fmt: skip
 
 
 def _quantize_group(hess: _GroupHessians, run: _Run) -> None:
@@ -297,8 +298,10 @@ def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm
         batches = capture_layer_inputs(model, adapter, windows.tensor_split(comm.world)[comm.rank],
                                        config.batch_size, device)  # fmt: skip
         layers = adapter.layers(model)
+        layer_seconds = []
         for index in ctx.track(range(len(layers)), f"gptq int{config.bits} g{config.group_size}"):
             run.layer_peaks.append({})
+            layer_started = time.perf_counter()
             layer = stream.onload(index, device) if stream else layers[index].to(device)
             run.phase_peak(device, "load")
             outs = _quantize_block(model, adapter, index, layer, batches, run, _block_path(ctx.resume_dir, index))
@@ -313,11 +316,13 @@ def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm
             else:
                 stream.release(index)
             run.phase_peak(device, "store")
+            layer_seconds.append(round(time.perf_counter() - layer_started, 2))  # the store synchronized
         _quantize_lm_head(model, adapter, batches, run)
     run.phase_peak(device, "lm_head")
     run.stats["peak_accelerator_bytes"] = comm.max(run.peak)  # per device: the largest
     # per block, this rank's accelerator peak while it was read, solved and stored (GiB; none on a CPU)
     run.stats["layer_peak_accelerator_gib"] = [{k: round(v / 2**30, 3) for k, v in p.items()} for p in run.layer_peaks]
+    run.stats["layer_seconds"] = layer_seconds  # per decoder block: read, calibrate, solve, store
     run.stats["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     run.stats["quantized_weights"] = len(run.state.targets)
     # per decoder block, sum over its weights of (w - q)^2 / Hinv_cc^2 (rank 0's rows and experts; None: resumed)

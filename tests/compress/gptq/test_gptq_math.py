@@ -98,9 +98,10 @@ def test_group_aware_order_keeps_groups_contiguous_and_takes_grids_from_compensa
     assert torch.equal(rebuilt, res.weight)
 
 
+@pytest.mark.parametrize("clip_search", [False, True])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("group_size", [64, -1])
-def test_batched_experts_equal_one_by_one(sym, group_size):
+def test_batched_experts_equal_one_by_one(sym, group_size, clip_search):
     """Experts solved as one batch (one kernel per column step for all of them) give what solving each alone
     gives: the same operations per matrix, bit for bit on a CPU; a dead column and a matrix that is never
     positive definite (RTN fallback) included."""
@@ -113,9 +114,43 @@ def test_batched_experts_equal_one_by_one(sym, group_size):
     H = 2 * X.transpose(1, 2) @ X / 600
     H[2, 5, :], H[2, :, 5] = 0, 0  # a dead column
     H[4] = -torch.eye(in_f)  # never positive definite, whatever the dampening
-    ref = [gptq_quantize(W[e], H[e].clone(), 4, group_size, sym, act_order=True) for e in range(E)]
-    got = gptq_quantize_batched(W.clone(), H.clone(), 4, group_size, sym, act_order=True)
+    args = {"act_order": True, "clip_search": clip_search}
+    ref = [gptq_quantize(W[e], H[e].clone(), 4, group_size, sym, **args) for e in range(E)]
+    got = gptq_quantize_batched(W.clone(), H.clone(), 4, group_size, sym, **args)
     for r, g in zip(ref, got, strict=True):
         assert torch.equal(r.weight, g.weight) and torch.equal(r.scale, g.scale) and torch.equal(r.zero, g.zero)
         assert r.damp_used == g.damp_used
     assert got[4].damp_used == -1.0
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_search_never_rounds_worse_than_minmax_and_clips_outlier_groups(sym):
+    """searched_qparams picks, per group, the shrink whose importance-weighted rounding error is least: never
+    more than min-max's, and clearly less where one outlier stretches a group's range."""
+    from dscompress.quant.primitives import dequantize_codes, searched_qparams
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 256, generator=g) * 0.02
+    W[:, ::64] *= 8  # one outlier column per group of 64
+    importance = torch.rand(256, generator=g) + 0.1
+
+    def error(scale, zero):
+        deq = dequantize_codes(quantize_codes(W, scale, zero, 4, 64), scale, zero, 64)
+        return ((deq - W).square() * importance).reshape(32, 4, 64).sum(-1)
+
+    base, found = error(*minmax_qparams(W, 4, 64, sym)), error(*searched_qparams(W, 4, 64, sym, importance))
+    assert bool((found <= base).all())
+    assert float(found.sum()) < 0.97 * float(base.sum())
+
+
+def test_clip_search_gptq_lies_on_its_searched_grid():
+    X = correlated_inputs(d=128)
+    W = torch.randn(16, 128, generator=torch.Generator().manual_seed(1)) * 0.02
+    plain = gptq_quantize(W, hessian(X), 4, 32, False, act_order=True)
+    clipped = gptq_quantize(W, hessian(X), 4, 32, False, act_order=True, clip_search=True)
+    assert not torch.equal(plain.scale, clipped.scale)
+    assert bool((clipped.scale <= plain.scale + 1e-8).all())  # a shrink never widens a range
+    codes = quantize_codes(clipped.weight, clipped.scale, clipped.zero, 4, 32)
+    from dscompress.quant.primitives import dequantize_codes
+
+    assert torch.allclose(dequantize_codes(codes, clipped.scale, clipped.zero, 32), clipped.weight, atol=1e-6)

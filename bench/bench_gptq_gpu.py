@@ -195,7 +195,7 @@ def parse_args() -> argparse.Namespace:
                     help="write the random model there as an FP8 block-scaled checkpoint, then quantize what "
                          "dscompress reads from it (conversion to bf16 timed separately)")  # fmt: skip
     ap.add_argument("--stream-dir", type=Path, default=None,
-                    help="model.stream: write the checkpoint (bf16, or the FP8 one's bf16 conversion) and quantize "
+                    help="model.stream: write the checkpoint (bf16, or FP8 with --fp8-dir, read as it is) and quantize "
                          "it in a fresh process that reads one layer at a time and writes the result's shards "
                          "here: that process's peak RSS is the pass's")  # fmt: skip
     ap.add_argument(

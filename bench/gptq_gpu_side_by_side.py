@@ -56,16 +56,19 @@ def versions(python: str, names: tuple[str, ...], env: dict) -> dict:
 
 def run(cmd: list[str], env: dict, log: Path, timeout: float) -> tuple[int, str]:
     """Run `cmd`, its output to `log` (and a heartbeat line per minute here); (exit code, last line)."""
-    started = time.perf_counter()
+    started, killed = time.perf_counter(), False
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             time.sleep(1)
             elapsed = time.perf_counter() - started
-            if elapsed > timeout:
+            if elapsed > timeout and not killed:
                 proc.kill()
+                killed = True
             if int(elapsed) % 60 == 0:
                 print(f"  ... {log.stem}: {elapsed:.0f} s", flush=True)
+    if killed:
+        return proc.returncode, f"stopped after {timeout:.0f} s (--timeout)"
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     return proc.returncode, (lines or ["(no output)"])[-1]
 

@@ -60,14 +60,24 @@ CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(1, 17))  # shrinks tr
 
 
 def searched_qparams(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, importance: torch.Tensor
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, importance: torch.Tensor, chunk: int = 1 << 24
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the clipped range (shrink 1.0 down to 0.6 of min-max) whose grid rounds `w` with the smallest
     squared error weighted by `importance` (..., in) (GPTQ passes diag(H): how much each input column carries).
     The weighted MSE search of the GPTQ reference's `Quantizer(mse=True)` and of AWQ's clip search, with the
-    Hessian diagonal as the weight. Same return as `minmax_qparams`; never a larger weighted error than it."""
-    wg = _grouped(w, group_size)
-    imp = _grouped(importance.clamp(min=0).expand_as(w), group_size)
+    Hessian diagonal as the weight. Same return as `minmax_qparams`; never a larger weighted error than it.
+    Rows are searched `chunk` elements at a time, so the temporaries stay small beside a stack of experts."""
+    rows = w.reshape(-1, w.shape[-1])
+    imp = importance.clamp(min=0).expand_as(w).reshape(rows.shape)
+    step = max(1, chunk // rows.shape[1])
+    parts = [_search_rows(rows[i : i + step], imp[i : i + step], bits, group_size, symmetric)
+             for i in range(0, rows.shape[0], step)]  # fmt: skip
+    scale, zero = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return scale.reshape(*w.shape[:-1], -1), zero.reshape(*w.shape[:-1], -1)
+
+
+def _search_rows(w, importance, bits: int, group_size: int, symmetric: bool):
+    wg, imp = _grouped(w, group_size), _grouped(importance, group_size)
 
     def error(scale, zero):
         q = (torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1).float()).clamp(0, max_code(bits))

@@ -138,8 +138,11 @@ def test_clip_search_never_rounds_worse_than_minmax_and_clips_outlier_groups(sym
         deq = dequantize_codes(quantize_codes(W, scale, zero, 4, 64), scale, zero, 64)
         return ((deq - W).square() * importance).reshape(32, 4, 64).sum(-1)
 
-    base, found = error(*minmax_qparams(W, 4, 64, sym)), error(*searched_qparams(W, 4, 64, sym, importance))
+    searched = searched_qparams(W, 4, 64, sym, importance)
+    base, found = error(*minmax_qparams(W, 4, 64, sym)), error(*searched)
     assert bool((found <= base).all())
+    in_chunks = searched_qparams(W, 4, 64, sym, importance, chunk=1000)  # 3 rows at a time: the same choice
+    assert torch.equal(in_chunks[0], searched[0]) and torch.equal(in_chunks[1], searched[1])
     assert float(found.sum()) < 0.97 * float(base.sum())
 
 

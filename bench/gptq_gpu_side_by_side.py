@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_gptq_gpu import SHAPES as BENCH_SHAPES
 from overlay_venv import overlay_venv
 from safetensors.torch import save_file
 
@@ -44,8 +45,6 @@ SHAPES = {
     "deepseek-v3-1d1m-fp8": ("deepseek-v3-1d1m", 32, True, True),
     "smollm2-135m": ("smollm2-135m", 8, False, False),  # a smoke test of this script
 }
-VOCAB = {"qwen2.5-7b": 152064, "qwen3-moe-30b-a3b-8l": 151936, "deepseek-v3-1d2m": 129280,
-         "deepseek-v3-1d1m": 129280, "smollm2-135m": 49152}  # fmt: skip
 
 
 def versions(python: str, names: tuple[str, ...], env: dict) -> dict:
@@ -140,7 +139,8 @@ def main() -> None:
     for name in args.shapes:
         shape, samples, fp8, _ = SHAPES[name]
         ckpt, windows = args.checkpoints / f"{name}-checkpoint", args.work / f"{name}-windows.safetensors"
-        rows = torch.randint(0, VOCAB[shape], (samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+        vocab = BENCH_SHAPES[shape]().vocab_size
+        rows = torch.randint(0, vocab, (samples, args.seq_len), generator=torch.Generator().manual_seed(0))
         save_file({"windows": rows}, str(windows))
         shutil.rmtree(ckpt, ignore_errors=True)
         write = [sys.executable, str(HERE / "bench_gptq_gpu.py"), "--shape", shape, "--write", str(ckpt),

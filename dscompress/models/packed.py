@@ -14,7 +14,7 @@ from dscompress.artifact import copy_side_files
 from dscompress.atomic import atomic_dir
 from dscompress.errors import ModelSourceError
 from dscompress.models.adapters import adapter_for
-from dscompress.models.fp8 import import_fp8
+from dscompress.models.fp8 import fp8_config, import_fp8
 from dscompress.models.load import load_model
 from dscompress.quant.packing import CT_LEAVES, GPTQ_LEAVES, decode_compressed, decode_gptq
 from dscompress.quant.primitives import dequantize_codes
@@ -66,8 +66,8 @@ def import_quantized(source: Path, target: Path) -> None:
     """Dequantize a GPTQ / compressed-tensors checkpoint into a dscompress checkpoint (float weights on their
     grid + quantization metadata), so it can enter a pipeline. Written atomically to `target`."""
     config = json.loads((source / "config.json").read_text())
-    if (config.get("quantization_config") or {}).get("quant_method") == "fp8":
-        return import_fp8(source, target, config["quantization_config"])
+    if qc := fp8_config(config):
+        return import_fp8(source, target, qc)
     scheme = read_scheme(config)
     grids: dict = {}
     with atomic_dir(target) as tmp:

@@ -107,7 +107,10 @@ def main() -> None:
         row = {"devices": out.summary["devices"], "batch_size": batch_size, "kernel": kernel,
                "gptq_seconds": round(seconds, 2),
                "pass_seconds_in_worker": out.summary["pass_seconds"], "peak_gib_per_gpu": peak,
-               "experts_rtn_fallback": out.summary["experts_rtn_fallback"]}  # fmt: skip
+               "experts_rtn_fallback": out.summary["experts_rtn_fallback"],
+               # where the time goes: reading / storing blocks, the launcher's and rank 0's own phases
+               **{k: out.summary[k] for k in ("io_seconds", "launcher_seconds", "worker_seconds", "layer_seconds")
+                  if k in out.summary}}  # fmt: skip
         out.model.to(device)
         if real:
             row["vs_unquantized"] = evaluate(out.model, ev, BaselineRef(args.work / "fp"), 4, device)

@@ -81,7 +81,9 @@ class Stage(Strict):
     rtn: RTNConfig | None = Field(None, description="round-to-nearest weight quantization (one pass per stage)")
     gptq: GPTQConfig | None = Field(None, description="GPTQ weight quantization (one pass per stage)")
     int8: Int8Config | None = Field(
-        None, description="static W8A8 with KL or MinMax calibration, SmoothQuant and fallback (one pass per stage)"
+        None,
+        description="W8A8: static (KL or MinMax) or dynamic per-token activations, SmoothQuant, rotation and "
+        "fallback (one pass per stage)",
     )
     prune: PruneConfig | None = Field(
         None, description="structured pruning: MLP channels, heads, hidden width, experts, depth (one pass per stage)"
@@ -104,6 +106,11 @@ class Stage(Strict):
             raise ValueError(f"a stage takes exactly one pass, got {given or 'none'}; allowed: {', '.join(PASS_KEYS)}")
         if self.save_formats and given[0] not in PACKABLE:
             raise ValueError(f"save_formats needs a quantizing pass ({', '.join(PACKABLE)}), not {given[0]!r}")
+        if self.int8 is not None and self.int8.activations == "dynamic" and self.onnx and "onnx" in self.onnx.targets:
+            raise ValueError(
+                "int8 activations: dynamic (a scale per token at run time) runs in ONNX Runtime, and the onnx target "
+                "is TensorRT's static per-tensor INT8; use onnx.targets: [onnx-ort], or activations: static"
+            )
         if self.int8 is not None and self.int8.fallback == "auto" and self.gate is None:
             raise ValueError(
                 "int8 fallback: auto keeps the most sensitive activations in 16/32-bit until the stage gate holds, "

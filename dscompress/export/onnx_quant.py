@@ -13,7 +13,14 @@ Targets:
   - int4 weights: INT4 initializer + DequantizeLinear with `block_size` (opset 21), symmetric only (TensorRT
     needs zero points of 0).
 - `onnx-ort` and `ort-genai`: int4 weights become com.microsoft MatMulNBits (asymmetric zero points supported;
-  `accuracy_level` as asked, 4 = int8 activations inside the kernel); int8 as `onnx`.
+  `accuracy_level` as asked, 4 = int8 activations inside the kernel); static int8 as `onnx` (ONNX Runtime fuses
+  the Q/DQ pairs into its integer kernels); dynamic per-token int8 activations (ONNX Runtime only) as
+      s = Max(ReduceMax(Abs(x), -1) * (1/127), 1e-8);  x_u8 = Cast<uint8>(Round(x / s) + 128)     (once per tensor)
+      y = Mul(Mul(Cast<float>(MatMulInteger(x_u8, W_s8, 128)), w_scale), s)                      (per Linear)
+  in standard operators. Measured on 2 CPU threads (docs/BENCHMARKS.md, "Dynamic per-token INT8"): ONNX Runtime's
+  MatMulInteger is fast for uint8 x int8 (MLAS) and 9x slower than float32 for int8 x int8, so the symmetric
+  activation codes are stored as uint8 with a constant zero point of 128; the codes stay in [1, 255] because
+  |x / s| <= 127, so no Clip is needed.
 Routed-expert weights stay as their dequantized float values (exact, not smaller).
 """
 
@@ -27,6 +34,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from dscompress.export.onnx import OPSET, OPSET_INT4, ExportError
+from dscompress.quant.actquant import INV_127, SCALE_FLOOR
+from dscompress.quant.hadamard import sylvester
 from dscompress.quant.qstate import QuantState
 
 TARGETS = ("onnx", "onnx-ort", "ort-genai")
@@ -54,7 +63,8 @@ class Rewriter:
         self.accuracy_level = 0  # MatMulNBits: 0 = the kernel's default (float activations), 4 = int8
         self.inits = {i.name: i for i in graph.initializer}
         self.new_nodes: list[onnx.NodeProto] = []
-        self.act_qdq: dict[tuple[str, float], str] = {}  # (tensor, scale) -> dequantized tensor name
+        # (tensor, static scale | None for per token | "hadamardAxB") -> the name its nodes go by
+        self.act_qdq: dict[tuple[str, float | str | None], str] = {}
         self.counts = {"int8_weights": 0, "int8_activations": 0, "int4_dq": 0, "matmulnbits": 0}
 
     def add_init(self, name: str, array: np.ndarray, data_type: int | None = None) -> str:
@@ -79,12 +89,76 @@ class Rewriter:
             self.counts["int8_activations"] += 1
         return self.act_qdq[key]
 
-    def int8_weight(self, name: str, weight: torch.Tensor, prefix: str) -> str:
+    def dynamic_activation(self, tensor: str) -> tuple[str, str]:
+        """Per-token uint8 codes of `tensor` and their float scales (..., 1): built once per tensor."""
+        key = (tensor, None)
+        if key not in self.act_qdq:
+            base = f"{tensor}_dq{len(self.act_qdq)}"
+            c = {k: f"{base}.{k}" for k in ("axes", "inv", "floor", "offset", "zero")}
+            self.add_init(c["axes"], np.array([-1], dtype=np.int64))
+            self.add_init(c["inv"], np.array(INV_127, dtype=np.float32))
+            self.add_init(c["floor"], np.array(SCALE_FLOOR, dtype=np.float32))
+            self.add_init(c["offset"], np.array(128, dtype=np.float32))
+            self.add_init(c["zero"], np.array(128, dtype=np.uint8))
+            node = helper.make_node
+            self.new_nodes += [
+                node("Abs", [tensor], [f"{base}.abs"]),
+                node("ReduceMax", [f"{base}.abs", c["axes"]], [f"{base}.amax"], keepdims=1),
+                node("Mul", [f"{base}.amax", c["inv"]], [f"{base}.scale0"]),
+                node("Max", [f"{base}.scale0", c["floor"]], [f"{base}.scale"]),
+                node("Div", [tensor, f"{base}.scale"], [f"{base}.div"]),
+                node("Round", [f"{base}.div"], [f"{base}.round"]),
+                node("Add", [f"{base}.round", c["offset"]], [f"{base}.shift"]),
+                node("Cast", [f"{base}.shift"], [f"{base}.u8"], to=TensorProto.UINT8),
+            ]
+            self.act_qdq[key] = base
+            self.counts["int8_dynamic_activations"] = self.counts.get("int8_dynamic_activations", 0) + 1
+        base = self.act_qdq[key]
+        return f"{base}.u8", f"{base}.scale"
+
+    def hadamard(self, tensor: str, a: int, b: int) -> str:
+        """`tensor` @ M, the online block Hadamard rotation (quant/hadamard.py), built once per tensor."""
+        key = (tensor, f"hadamard{a}x{b}")
+        if key not in self.act_qdq:
+            base = f"{tensor}_h{len(self.act_qdq)}"
+            ha = self.add_init(f"{base}.ha", sylvester(a).numpy().astype(np.float32))
+            hb = self.add_init(f"{base}.hb", sylvester(b).numpy().astype(np.float32))
+            blocks = self.add_init(f"{base}.blocks", np.array([0, 0, -1, a, b], dtype=np.int64))
+            flat = self.add_init(f"{base}.flat", np.array([0, 0, -1], dtype=np.int64))
+            self.new_nodes += [
+                helper.make_node("Reshape", [tensor, blocks], [f"{base}.blocked"]),
+                helper.make_node("MatMul", [f"{base}.blocked", hb], [f"{base}.right"]),
+                helper.make_node("MatMul", [ha, f"{base}.right"], [f"{base}.both"]),
+                helper.make_node("Reshape", [f"{base}.both", flat], [f"{base}.rotated"]),
+            ]
+            self.act_qdq[key] = f"{base}.rotated"
+            self.counts["online_rotations"] = self.counts.get("online_rotations", 0) + 1
+        return self.act_qdq[key]
+
+    def dynamic_matmul(self, node: onnx.NodeProto, name: str, weight: torch.Tensor, prefix: str, x: str) -> None:
+        """The MatMul of `node` on input `x` as per-token int8 x per-channel int8 with int32 accumulation."""
+        codes, scale, _ = self.int8_codes(name, weight, prefix)
+        x_u8, x_scale = self.dynamic_activation(x)
+        zero = self.act_qdq[(x, None)] + ".zero"
+        self.new_nodes += [
+            helper.make_node("MatMulInteger", [x_u8, codes, zero], [f"{prefix}.acc"]),
+            helper.make_node("Cast", [f"{prefix}.acc"], [f"{prefix}.accf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{prefix}.accf", scale], [f"{prefix}.cols"]),
+            helper.make_node("Mul", [f"{prefix}.cols", x_scale], list(node.output), name=node.name),
+        ]
+        self.counts["int8_weights"] += 1
+
+    def int8_codes(self, name: str, weight: torch.Tensor, prefix: str) -> tuple[str, str, str]:
+        """Initializers of a Linear's int8 weight (in, out), per-output-channel scale and zero point 0."""
         codes = self.quant.codes(name, weight).to(torch.int16) - 128  # unsigned storage -> signed, zero 0
         scale = self.quant.tensors[f"{name}.scale"].reshape(-1).numpy().astype(np.float32)
         q = self.add_init(f"{prefix}.int8", codes.T.contiguous().numpy().astype(np.int8))
         s = self.add_init(f"{prefix}.scale", scale)
         z = self.add_init(f"{prefix}.zero_point", np.zeros_like(scale, dtype=np.int8))
+        return q, s, z
+
+    def int8_weight(self, name: str, weight: torch.Tensor, prefix: str) -> str:
+        q, s, z = self.int8_codes(name, weight, prefix)
         self.new_nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [f"{prefix}.dq"], axis=1))
         self.counts["int8_weights"] += 1
         return f"{prefix}.dq"
@@ -166,6 +240,11 @@ def check_exportable(quant: QuantState | None, target: str, opset: int = OPSET) 
     """Every refusal that the stage's quantization.json decides, raised before the model is even loaded."""
     if quant is None:
         return
+    if quant.dynamic_activations and target not in ORT_TARGETS:
+        raise ExportError(
+            "dynamic per-token int8 activations run in ONNX Runtime; TensorRT's INT8 is static, per tensor. Fix: "
+            "export with --format onnx-ort, or quantize with int8.activations: static"
+        )
     if quant.bits not in (4, 8):
         raise ExportError(f"{quant.bits}-bit weights have no ONNX integer type here; export 4- or 8-bit stages")
     if quant.bits == 4 and target == "onnx":
@@ -202,14 +281,19 @@ def quantize_graph(model_proto: onnx.ModelProto, model: torch.nn.Module, quant: 
         if quant.bits == 4 and target in ORT_TARGETS:
             nodes.append(rw.matmul_nbits(node, name, weight, prefix))
             continue
-        b = rw.int8_weight(name, weight, prefix) if quant.bits == 8 else rw.int4_weight(name, weight, prefix)
+        act = quant.activations.get(name) or {"precision": "float"}
         a = node.input[0]
-        act = quant.activations.get(name)
-        if act and act["precision"] == "int8":
-            a = rw.activation(a, float(quant.tensors[f"{name}.input_scale"]))
+        if rotation := quant.targets[name].get("rotation"):  # the codes are in the rotated basis
+            a = rw.hadamard(a, *rotation)
+        if act["precision"] == "int8" and act.get("mode") == "dynamic":
+            rw.dynamic_matmul(node, name, weight, prefix, a)
+        else:
+            b = rw.int8_weight(name, weight, prefix) if quant.bits == 8 else rw.int4_weight(name, weight, prefix)
+            if act["precision"] == "int8":
+                a = rw.activation(a, float(quant.tensors[f"{name}.input_scale"]))
+            rw.new_nodes.append(helper.make_node("MatMul", [a, b], list(node.output), name=node.name))
         nodes.extend(rw.new_nodes)
         rw.new_nodes = []
-        nodes.append(helper.make_node("MatMul", [a, b], list(node.output), name=node.name))
     del graph.node[:]
     graph.node.extend(_without_dead_transposes(nodes, graph))
     still_used = {i for n in graph.node for i in n.input}

@@ -88,6 +88,9 @@ def _stage_problems(i: int, stage, device: Device, target) -> list[tuple[tuple, 
     if stage.weight_grid is None:
         return []
     found = precision_problems(*stage.weight_grid, device, target.opset)
+    if stage.int8 is not None and stage.int8.activations == "dynamic":
+        found.append(("activations", f"dynamic per-token INT8 runs in ONNX Runtime, not in TensorRT on {device.name} "
+                      "(its INT8 is static, per tensor); use activations: static for this target"))  # fmt: skip
     key = stage.pass_key
     return [(("target", "opset") if field == "opset" else ("stages", i, key, field), msg) for field, msg in found]
 

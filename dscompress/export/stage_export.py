@@ -51,6 +51,9 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
         accuracy_level = ACCURACY_LEVEL if target in ORT_TARGETS else 0
     quant = QuantState.load(stage)
     check_exportable(quant, target, opset)  # from quantization.json alone, before minutes of exporting
+    if fp16 and quant is not None and quant.dynamic_activations:
+        raise ExportError("fp16 does not apply to dynamic int8 activations (their scales and codes are computed in "
+                          "float32 beside the int8 MatMuls); export without --fp16")  # fmt: skip
     if target == "ort-genai":
         check_genai(stage)
     model = load_model(stage).eval()
@@ -123,12 +126,19 @@ def ort_fusions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """ONNX Runtime's transformer fusions where they apply (opt_level 0: its Python fusions only, so the file stays
     portable across execution providers). On our graphs RMSNorm and residual adds fuse into
     (Skip)SimplifiedLayerNormalization; its attention and rotary patterns do not match the dynamo export."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # fusion-by-fusion chatter
+    options = FusionOptions("gpt2")
+    # Our models gate with SiLU, never GELU; and ORT's QuickGelu matcher (1.32) calls .item() on whatever feeds
+    # a Sigmoid through a Mul, which fails when that Mul scales by a per-token tensor (dynamic int8's gate_proj).
+    options.enable_gelu = False
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        optimized = optimize_model(proto, model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0)
+        optimized = optimize_model(
+            proto, model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0, optimization_options=options
+        )
     stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     model = optimized.model
     if any(n.domain == "com.microsoft" for n in model.graph.node) and not any(

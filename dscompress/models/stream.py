@@ -7,8 +7,11 @@ a forward pass, an evaluation or a layer-by-layer pass holds one layer at a time
 
 A pass that rewrites the layers one by one (gptq) hands each finished layer to `Stream.write_layer`, which writes
 it to its own shard of the output folder and points the layer at it; `Stream.save` writes the rest and the shard
-index. Shards are written tensor by tensor from the device (`write_safetensors`), so only one tensor at a time is
-copied to CPU memory.
+index. A layer of at most ASYNC_WRITE_MAX_BYTES is copied to pinned host memory and written by a background thread
+while the next layer computes (one write in flight; `flush` waits for it and re-raises its error): on 2 H200s
+writing the 7B shape's 28 layers synchronously took 19.4 s of a 35.7 s pass. Larger layers (a DeepSeek-V3 MoE
+layer is 11 GB) are written tensor by tensor from the device (`write_safetensors`), so only one tensor at a time
+is copied to CPU memory and host memory stays flat.
 
 An FP8 block-scaled checkpoint (DeepSeek-V3/R1, Qwen3-FP8) is read as it is: each FP8 weight is dequantized to
 bf16 as its layer is read (`FP8Layout`), and the layers written are bf16.
@@ -24,6 +27,7 @@ import json
 import os
 import re
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -130,6 +134,17 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     tmp.replace(path)
 
 
+ASYNC_WRITE_MAX_BYTES = 2 << 30  # layers up to this size are written in the background (module docstring)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor copied into pinned host memory (asynchronously: synchronize before use); CPU ones as they are."""
+    if not t.is_cuda:
+        return t.detach()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class Stream:
     """The streamed layers of one model: where each layer's tensors are, and the output shards being written."""
 
@@ -139,6 +154,8 @@ class Stream:
         self.n = len(self.layers)
         self.sources = [shards] * self.n
         self.written: dict[str, str] = {}  # output tensor name -> shard file name
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: tuple[Future, int, list[str], Path] | None = None  # the write in flight
         for index, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(self._onload_hook, with_kwargs=True)
             layer.register_forward_hook(self._release_hook)
@@ -149,6 +166,8 @@ class Stream:
 
     def onload(self, index: int, device) -> torch.nn.Module:
         """Layer `index` with its tensors read onto `device`, kept there until `release` or `write_layer`."""
+        if self._pending is not None and self._pending[1] == index:
+            self.flush()  # read it back from the shard being written
         layer, prefix, source = self.layers[index], self.prefix(index), self.sources[index]
         layer._dscompress_onloaded = False  # the caller holds it: no forward hook releases it
         layer.load_state_dict(read_layer(source, prefix, device, self.dtype), strict=True, assign=True)
@@ -171,17 +190,39 @@ class Stream:
                     module._buffers[name] = torch.empty_like(b, device="meta")
 
     def write_layer(self, index: int, out: Path) -> None:
-        """Write finished layer `index` to its own shard of `out`, read it from there from now on, release it."""
-        file = shard_name(index + 2, self.n + 1)
-        prefix = self.prefix(index)
-        tensors = to_disk({prefix + k: v for k, v in self.layers[index].state_dict().items()})
-        write_safetensors(tensors, out / file)
-        self.written |= dict.fromkeys(tensors, file)
-        self.sources[index] = Shards.of(out, dict.fromkeys(tensors, out / file))
+        """Write finished layer `index` to its own shard of `out`, read it from there from now on, release it;
+        in the background for layers up to ASYNC_WRITE_MAX_BYTES (call `flush` before the shards are used)."""
+        self.flush()
+        path = out / shard_name(index + 2, self.n + 1)
+        tensors = to_disk({self.prefix(index) + k: v for k, v in self.layers[index].state_dict().items()})
+        if sum(t.numel() * t.element_size() for t in tensors.values()) > ASYNC_WRITE_MAX_BYTES:
+            write_safetensors(tensors, path)
+            self._record(index, list(tensors), path)
+            return
+        host = {name: _to_host(t) for name, t in tensors.items()}
+        if any(t.is_cuda for t in tensors.values()):
+            torch.cuda.current_stream().synchronize()  # the copies have landed; the device memory can go
+        self.release(index)
+        self._writer = self._writer or ThreadPoolExecutor(max_workers=1, thread_name_prefix="dscompress-shards")
+        self._pending = (self._writer.submit(write_safetensors, host, path), index, list(host), path)
+
+    def flush(self) -> None:
+        """Wait for the layer write in flight (if any) and re-raise its error here."""
+        if self._pending is None:
+            return
+        future, index, names, path = self._pending
+        self._pending = None
+        future.result()
+        self._record(index, names, path)
+
+    def _record(self, index: int, names: list[str], path: Path) -> None:
+        self.written |= dict.fromkeys(names, path.name)
+        self.sources[index] = Shards.of(path.parent, dict.fromkeys(names, path))
         self.release(index)
 
     def save(self, model, out: Path) -> None:
         """The tensors outside the layers, config and index; every layer must have been written to `out`."""
+        self.flush()
         missing = [i for i, s in enumerate(self.sources) if s.directory != out]
         if missing:
             raise RuntimeError(f"streamed layers {missing[:5]} were not written to {out}")

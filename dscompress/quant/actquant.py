@@ -1,10 +1,19 @@
-"""Static per-tensor int8 activation fake quantization, as forward pre-hooks on Linear layers.
+"""Int8 activation fake quantization, as forward pre-hooks on Linear layers.
+
+Static, per tensor (TensorRT, the `onnx` target):
 
     x_q = clamp(round(x / s), -128, 127) * s,   s = threshold / 127,   zero point 0
 
 This is exactly what an ONNX QuantizeLinear -> DequantizeLinear pair computes (round half to even, saturation to
-int8), so the gate measures the behaviour the exported Q/DQ graph has. Layers whose activations fell back keep no
-hook (W8A16). The hooks live on one `ActivationQuant` object per model; nothing is global.
+int8), so the gate measures the behaviour the exported Q/DQ graph has.
+
+Dynamic, per token (ONNX Runtime on CPUs, the `onnx-ort` target), with the scale computed at run time:
+
+    s_t = max(max_j |x_tj| * float32(1/127), 1e-8),   x_q = round(x / s_t) * s_t      (codes in [-127, 127])
+
+in the same float32 operations, in the same order, as the exported graph (export/onnx_quant.py), so both round
+alike. Layers whose activations fell back keep no hook (W8A16). The hooks live on one `ActivationQuant` object per
+model; nothing is global.
 """
 
 from __future__ import annotations
@@ -14,13 +23,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dscompress.quant.hadamard import rotate
 from dscompress.quant.qstate import QuantState
 
 ATTR = "_dscompress_activation_quant"
 
 
+INV_127 = 1.0 / 127.0  # rounded to float32 where it is used, as the graph's initializer is
+SCALE_FLOOR = 1e-8  # an all-zero token keeps a positive scale (its codes are 0 either way)
+
+
 def fake_quant_int8(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     return (torch.round(x / scale).clamp(-128, 127) * scale).to(x.dtype)
+
+
+def per_token_scale(x: torch.Tensor) -> torch.Tensor:
+    """s_t (..., 1) in float32, as the graph computes it: ReduceMax(Abs(x)) * (1/127), at least SCALE_FLOOR."""
+    amax = x.float().abs().amax(-1, keepdim=True)
+    return (amax * torch.tensor(INV_127, dtype=torch.float32)).clamp_min(SCALE_FLOOR)
+
+
+def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    scale = per_token_scale(x)
+    return (torch.round(x.float() / scale) * scale).to(x.dtype)
 
 
 class ActivationQuant:
@@ -28,19 +53,28 @@ class ActivationQuant:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.scales: dict[str, float] = {}
+        self.scales: dict[str, float | None] = {}  # None: dynamic, per token
+        self.rotations: dict[str, tuple[int, int]] = {}  # online block Hadamard around the quantizer (hadamard.py)
         self.handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
 
     def set_scale(self, name: str, scale: float) -> None:
         self.scales[name] = float(scale)
 
+    def set_dynamic(self, name: str) -> None:
+        self.scales[name] = None
+
+    def set_rotation(self, name: str, factors) -> None:
+        self.rotations[name] = (int(factors[0]), int(factors[1]))
+
     def enable(self, names) -> None:
         for name in names:
             if name in self.handles:
                 continue
-            scale = self.scales[name]
+            scale, rot = self.scales[name], self.rotations.get(name)
             module = self.model.get_submodule(name)
-            self.handles[name] = module.register_forward_pre_hook(lambda m, args, s=scale: _quant_args(args, s))
+            self.handles[name] = module.register_forward_pre_hook(
+                lambda m, args, s=scale, r=rot: _quant_args(args, s, r)
+            )
 
     def disable(self, names=None) -> None:
         for name in list(self.handles if names is None else names):
@@ -53,8 +87,12 @@ class ActivationQuant:
         return sorted(self.handles)
 
 
-def _quant_args(args: tuple, scale: float) -> tuple:
-    return (fake_quant_int8(args[0], scale), *args[1:])
+def _quant_args(args: tuple, scale: float | None, rotation: tuple[int, int] | None) -> tuple:
+    """x -> Q(x), or with an online rotation M (M @ M = I): x -> Q(x M) M, so that the stored weight W' = W_q M
+    computes W_q Q(x M): the int8 product in the rotated basis."""
+    x = args[0] if rotation is None else rotate(args[0], *rotation)
+    x = fake_quant_int8_per_token(x) if scale is None else fake_quant_int8(x, scale)
+    return (x if rotation is None else rotate(x, *rotation), *args[1:])
 
 
 def controller(model: nn.Module) -> ActivationQuant:
@@ -80,7 +118,12 @@ def attach(model: nn.Module, state: QuantState | None) -> list[str]:
     aq = controller(model)
     names = [n for n, info in state.activations.items() if info["precision"] == "int8"]
     for name in names:
-        aq.set_scale(name, float(state.tensors[f"{name}.input_scale"]))
+        if rotation := state.targets.get(name, {}).get("rotation"):
+            aq.set_rotation(name, rotation)
+        if state.activations[name].get("mode") == "dynamic":
+            aq.set_dynamic(name)
+        else:
+            aq.set_scale(name, float(state.tensors[f"{name}.input_scale"]))
     aq.enable(names)
     return names
 

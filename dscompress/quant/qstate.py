@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dscompress.quant.hadamard import rotate
 from dscompress.quant.primitives import quantize_codes
 
 QUANT_JSON = "quantization.json"
@@ -32,9 +33,14 @@ class QuantState:
     symmetric: bool
     targets: dict[str, dict] = field(default_factory=dict)  # name -> {"kind", "shape"}
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # "<name>.scale" / "<name>.zero"
-    # W8A8 stages: Linear name -> {"precision": "int8" | "float", "site", "threshold", "sensitivity"}; int8 ones
-    # have a "<name>.input_scale" tensor (float32 scalar, symmetric, zero point 0).
+    # W8A8 stages: Linear name -> {"precision": "int8" | "float", "mode": "static" | "dynamic", "site",
+    # "threshold", "sensitivity"}; static int8 ones have a "<name>.input_scale" tensor (float32 scalar, symmetric,
+    # zero point 0); dynamic ones are quantized per token at run time (quant/actquant.py).
     activations: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def dynamic_activations(self) -> bool:
+        return any(a.get("mode") == "dynamic" and a["precision"] == "int8" for a in self.activations.values())
 
     def add(self, name: str, kind: str, shape, scale: torch.Tensor, zero: torch.Tensor) -> None:
         self.targets[name] = {"kind": kind, "shape": list(shape)}
@@ -42,7 +48,10 @@ class QuantState:
         self.tensors[f"{name}.zero"] = zero.to(torch.int32).contiguous()
 
     def codes(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The integer codes of a stored (dequantized) weight."""
+        """The integer codes of a stored (dequantized) weight; a weight stored rotated back from an online
+        rotation's basis (targets[name]["rotation"], quant/hadamard.py) is rotated into it first."""
+        if rotation := self.targets[name].get("rotation"):
+            weight = rotate(weight.float(), *rotation)
         scale, zero = self.tensors[f"{name}.scale"], self.tensors[f"{name}.zero"]
         return quantize_codes(weight, scale, zero, self.bits, self.group_size)
 
@@ -58,7 +67,10 @@ class QuantState:
         }
         if self.activations:
             meta["activations"] = self.activations
-            meta["activation_convention"] = "x_q = clamp(round(x / input_scale), -128, 127), zero point 0"
+            meta["activation_convention"] = (
+                "static: x_q = clamp(round(x / input_scale), -128, 127), zero point 0; dynamic: per token, "
+                "s = max(max|x| * float32(1/127), 1e-8), x_q = round(x / s)"
+            )
         (directory / QUANT_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         save_file(self.tensors, str(directory / QUANT_TENSORS), metadata={"format": "dscompress-qstate"})
 

@@ -16,6 +16,8 @@ from dscompress.export.stage_export import export_stage
 from dscompress.models.load import load_model
 from dscompress.models.sources import resolve
 from dscompress.models.tiny import TINY_ARCHS
+from dscompress.quant.actquant import attach_saved
+from dscompress.quant.qstate import QuantState
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -69,6 +71,46 @@ def test_int8_and_int4_graphs_follow_their_targets(tmp_path):
     ort_graph = onnx.load(str(tmp_path / "out" / "2-w4" / "onnx" / "onnx-ort" / "model.onnx"))
     problems = trt_rules.check(ort_graph)
     assert any("MatMulNBits" in p and "com.microsoft" in p for p in problems)  # ORT-only, and the check says so
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_dynamic_int8_runs_as_integer_matmuls_in_onnx_runtime(tmp_path, arch):
+    """Per-token dynamic W8A8 (lm_head too) exports as MatMulInteger on uint8 codes, and ONNX Runtime's default
+    session computes what the torch stage computes: the graph rounds in the same float32 steps as the fake quant."""
+    stages = (
+        "  - int8: {activations: dynamic, fallback: none, exclude: [embed_tokens]}\n    gate: {kl: {max: 0.5}}\n"
+        "    onnx: {targets: [onnx-ort], parity: {max_kl_diff: 0.0005}}"
+    )
+    report = run_recipe(tiny_recipe(tmp_path / "r.yaml", f"tiny:{arch}", stages), tmp_path / "out")
+    assert report["result"] == "passed", report
+    stage = tmp_path / "out" / "1-int8"
+    summary, counts = report["stages"][1]["summary"], report["stages"][1]["onnx"]["onnx-ort"]["quantization"]
+    assert summary["activations"] == "dynamic" and summary["w8a8_linear_flops_share"] == 1.0
+    assert counts["int8_weights"] == 15 and counts["int8_dynamic_activations"] == 9  # 4 per layer + lm_head
+    assert counts["int8_activations"] == 0
+    graph = onnx.load(str(stage / "onnx" / "onnx-ort" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulInteger") == 15 and "QuantizeLinear" not in ops
+    assert QuantState.load(stage).activations["lm_head"]["mode"] == "dynamic"
+    lm, model = OrtLM(stage / "onnx" / "onnx-ort", exact_qdq=False), load_model(stage).eval()
+    attach_saved(model, stage)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert float((lm.logits(ids) - ref).abs().max()) < 1e-3 * float(ref.abs().max())
+    assert lm.greedy(ids[0, :8], 12)[0] == torch_greedy(model, ids[0, :8], 12)
+
+
+def test_dynamic_int8_is_refused_for_tensorrt_before_export(tmp_path):
+    stages = "  - int8: {activations: dynamic, fallback: none}\n    onnx: {targets: [onnx]}"
+    result = cli("validate", str(tiny_recipe(tmp_path / "r.yaml", "tiny:llama", stages)))
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == EXIT_BAD_INPUT and len(lines) == 1, result.stderr
+    assert "activations: dynamic" in lines[0] and "onnx-ort" in lines[0]
+    run_recipe(tiny_recipe(tmp_path / "r2.yaml", "tiny:llama", stages.split("\n")[0]), tmp_path / "out")
+    with pytest.raises(ExportError, match="TensorRT's INT8 is static"):
+        export_stage(tmp_path / "out" / "1-int8", "onnx", tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # refused from quantization.json, before anything is written
 
 
 def test_asymmetric_int4_is_refused_for_the_tensorrt_target(tmp_path):

@@ -68,6 +68,25 @@ def test_a_streamed_forward_holds_no_layer_and_gives_the_same_logits():
     assert all(p.is_meta for layer in layers for p in layer.parameters())  # each layer was dropped after it ran
 
 
+def test_layers_written_in_the_background_read_back_and_a_failed_write_is_raised(tmp_path):
+    """Small layers go to their shards from a background thread: reading one back waits for its write, and a
+    write that fails (here: its folder is gone) raises at the next write or flush, never silently."""
+    directory = resolve("tiny:llama").directory
+    whole, streamed = load_model(directory), load_streamed(directory)
+    stream = stream_of(streamed)
+    stream.onload(0, "cpu")
+    stream.write_layer(0, tmp_path)
+    assert stream._pending is not None  # in flight: the background path, not the synchronous one
+    layer = stream.onload(0, "cpu")  # waits for the write, then reads the new shard
+    assert stream._pending is None and stream.sources[0].directory == tmp_path
+    assert torch.equal(layer.self_attn.q_proj.weight, whole.model.layers[0].self_attn.q_proj.weight)
+    stream.release(0)
+    stream.onload(1, "cpu")
+    stream.write_layer(1, tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):
+        stream.flush()
+
+
 def test_streamed_gptq_without_a_stage_folder_is_refused():
     model = load_streamed(resolve("tiny:llama").directory)
     with StageContext.standalone(model, WINDOWS, quiet=True) as ctx, pytest.raises(Exception, match="stage folder"):

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -68,10 +69,12 @@ def launch(model, config: GPTQConfig, ctx: StageContext, world: int) -> PassOutp
             ctx.progress.update(task, completed=info["done"], total=info["total"])
 
         threads = max(1, (os.cpu_count() or 1) // world) if ctx.device.type == "cpu" else 4
+        started = time.perf_counter()
         try:
             run_workers("dscompress.compress.gptq.dist", wdir / "job.json", world, on_progress, threads)
         finally:
             ctx.progress.remove_task(task)
+        workers_done = time.perf_counter()
         state = QuantState.load(wdir / "result")
         if stream is not None:
             stream.adopt(layers_dir)
@@ -79,6 +82,8 @@ def launch(model, config: GPTQConfig, ctx: StageContext, world: int) -> PassOutp
             load_layers(model, ctx.adapter, layers_dir)
         load_result(model, load_file(str(wdir / "result" / "weights.safetensors")), state)
         summary = json.loads((wdir / "result" / "summary.json").read_text())
+        summary["launcher_seconds"] = {"workers": round(workers_done - started, 2),
+                                       "take_result": round(time.perf_counter() - workers_done, 2)}  # fmt: skip
     return PassOutput(model, quant=state, summary=summary)
 
 
@@ -164,6 +169,7 @@ class _WorkerContext(StageContext):
 def main(job: Path) -> None:
     import torch.distributed as dist
 
+    started = time.perf_counter()
     spec = GPTQJob.read(job)
     cuda = spec.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -178,8 +184,11 @@ def main(job: Path) -> None:
         ctx = _WorkerContext(adapter_for(model.config), device, spec.seed, console, progress, lambda: windows,
                              resume_dir=spec.resume_dir, output_dir=spec.layers_dir)  # fmt: skip
         ctx.progress_file = job.parent / "progress.json" if comm.rank == 0 else None
+        ready = time.perf_counter()
         out = quantize(model, spec.config, ctx, comm)
     if comm.rank == 0:
+        out.summary["worker_seconds"] = {"start": round(ready - started, 2), "since_import": round(
+            time.perf_counter() - started, 2)}  # fmt: skip
         save_result(model, out, job.parent / "result")
     dist.barrier()
     dist.destroy_process_group()

@@ -298,17 +298,19 @@ def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm
         batches = capture_layer_inputs(model, adapter, windows.tensor_split(comm.world)[comm.rank],
                                        config.batch_size, device)  # fmt: skip
         layers = adapter.layers(model)
-        layer_seconds = []
+        layer_seconds, io_seconds = [], {"read": 0.0, "store": 0.0}
         for index in ctx.track(range(len(layers)), f"gptq int{config.bits} g{config.group_size}"):
             run.layer_peaks.append({})
             layer_started = time.perf_counter()
             layer = stream.onload(index, device) if stream else layers[index].to(device)
             run.phase_peak(device, "load")
+            io_seconds["read"] += time.perf_counter() - layer_started
             outs = _quantize_block(model, adapter, index, layer, batches, run, _block_path(ctx.resume_dir, index))
             if outs is None:
                 outs = run_layer(layer, batches)
             batches = [(out, kwargs) for out, (_, kwargs) in zip(outs, batches, strict=True)]
             run.phase_peak(device, "solve")
+            stored = time.perf_counter()
             if stream is None:
                 layers[index] = layer.to("cpu")
             elif comm.rank == 0:  # to the stage's own shard; read from there from now on
@@ -316,13 +318,19 @@ def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm
             else:
                 stream.release(index)
             run.phase_peak(device, "store")
+            io_seconds["store"] += time.perf_counter() - stored
             layer_seconds.append(round(time.perf_counter() - layer_started, 2))  # the store synchronized
+        if stream is not None:
+            flushed = time.perf_counter()
+            stream.flush()  # the last layer's shard, written in the background
+            io_seconds["store"] += time.perf_counter() - flushed
         _quantize_lm_head(model, adapter, batches, run)
     run.phase_peak(device, "lm_head")
     run.stats["peak_accelerator_bytes"] = comm.max(run.peak)  # per device: the largest
     # per block, this rank's accelerator peak while it was read, solved and stored (GiB; none on a CPU)
     run.stats["layer_peak_accelerator_gib"] = [{k: round(v / 2**30, 3) for k, v in p.items()} for p in run.layer_peaks]
     run.stats["layer_seconds"] = layer_seconds  # per decoder block: read, calibrate, solve, store
+    run.stats["io_seconds"] = {k: round(v, 2) for k, v in io_seconds.items()}  # reading / storing blocks, summed
     run.stats["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     run.stats["quantized_weights"] = len(run.state.targets)
     # per decoder block, sum over its weights of (w - q)^2 / Hinv_cc^2 (rank 0's rows and experts; None: resumed)

@@ -5,8 +5,10 @@
    2048-bin |x| histogram. When a layer's site inputs fit in KEEP_BYTES they are kept for that layer only and the
    histogram range is exact; otherwise the layer runs twice and the histograms grow as values arrive. Only
    statistics outlive the layer.
-2. Weights: int8, per output channel, symmetric. Activations: int8, per tensor, symmetric, static; the scale is
-   the site's threshold (kl | minmax | percentile) / 127.
+2. Weights: int8, per output channel, symmetric. Activations: int8, symmetric; `static`: per tensor, the scale is
+   the site's threshold (kl | minmax | percentile) / 127; `dynamic`: per token, the scale computed at run time
+   (quant/actquant.py), so calibration only feeds SmoothQuant, and lm_head, when selected, reads int8 too (it is
+   the largest Linear of a small model's decode step).
 3. Fallback (`auto`): each site's sensitivity is the KL to the float model when only its activations are
    quantized, measured on `sensitivity_windows` calibration windows (each run starts from the cached input of
    the site's layer). Then the fewest most-sensitive sites are kept in W8A16 for the stage gate to hold, with
@@ -30,8 +32,10 @@ from dscompress.calibrate.observers import AbsHistogram
 from dscompress.compress.int8.config import Int8Config
 from dscompress.compress.int8.smoothquant import Site, fold, layer_sites, smoothing_scales
 from dscompress.compress.layerwise import capture_layer_inputs, run_layer
+from dscompress.compress.rotation import OnlineRotation, refusal, rotate_model
 from dscompress.compress.selection import selected
 from dscompress.context import PassOutput, StageContext
+from dscompress.errors import RecipeError
 from dscompress.gates import within_margin
 from dscompress.quant.actquant import controller
 from dscompress.quant.primitives import fake_quantize
@@ -41,7 +45,8 @@ KEEP_BYTES = 1 << 30
 
 
 def check(config: Int8Config, info) -> list[tuple[str, str]]:
-    return []
+    problem = refusal(info.config.model_type) if config.rotate else None
+    return [("rotate", problem)] if problem else []
 
 
 # ---- 1. calibration -------------------------------------------------------------------------------------------
@@ -75,17 +80,20 @@ class _Recorder:
 
 @torch.no_grad()
 def calibrate(model, ctx: StageContext, config: Int8Config, sites_of) -> tuple[dict[str, AbsHistogram], int]:
-    """Observe (and smooth) every site, layer by layer. Returns ({site: histogram}, number of smoothed sites)."""
+    """Observe (and smooth) every site, layer by layer. Returns ({site: histogram}, number of smoothed sites).
+    Dynamic activations need no histograms: only the channel maxima that SmoothQuant reads."""
     adapter, device = ctx.adapter, ctx.device
     windows = ctx.calibration()
     batches = capture_layer_inputs(model, adapter, windows, config.batch_size, device)
     layers, observers, smoothed = adapter.layers(model), {}, 0
-    for index in ctx.track(range(len(layers)), f"int8 calibration ({config.calibration})"):
+    observe = config.activations == "static"
+    label = f"int8 calibration ({config.calibration})" if observe else "int8 SmoothQuant statistics"
+    for index in ctx.track(range(len(layers)), label):
         layer = layers[index].to(device)
         sites = sites_of(index)
-        keep = windows.numel() * sum(s.width for s in sites) * 4 <= KEEP_BYTES
+        keep = observe and windows.numel() * sum(s.width for s in sites) * 4 <= KEEP_BYTES
         smooth = config.smoothquant_alpha is not None
-        streamed = None if keep or smooth else _fresh(sites)  # no smoothing, too big to keep: observe directly
+        streamed = None if keep or smooth or not observe else _fresh(sites)  # unsmoothed, too big to keep
         rec = _Recorder(sites, keep, streamed)
         outs = run_layer(layer, batches)
         rec.remove()
@@ -97,7 +105,7 @@ def calibrate(model, ctx: StageContext, config: Int8Config, sites_of) -> tuple[d
                 smoothed += 1
             if keep:
                 observers[site.name] = _observe_kept(rec.kept.pop(site.name), s)
-        if smooth and not keep:  # the smoothed layer runs once more; histograms grow as values arrive
+        if smooth and observe and not keep:  # the smoothed layer runs once more; histograms grow as values arrive
             streamed = _fresh(sites)
             second = _Recorder(sites, False, streamed)
             run_layer(layer, batches)
@@ -174,6 +182,9 @@ class _Probe:
                 layer.register_forward_pre_hook(lambda m, a, k, i=i: hook(m, a, k, i), with_kwargs=True)
                 for i, layer in enumerate(layers)
             ]
+            seen.append(None)  # the final norm's input: where a run that starts after the last layer begins
+            norm = self.model.get_submodule(self.adapter.final_norm_path)
+            handles.append(norm.register_forward_pre_hook(lambda m, a, seen=seen: seen.__setitem__(-1, a[0])))
             try:
                 self.model(chunk, use_cache=False)
             finally:
@@ -183,7 +194,8 @@ class _Probe:
             self.kwargs.append(extra)
 
     def _tail(self, index: int, start: int) -> torch.Tensor:
-        """Log-probs of chunk `index` when the model runs from decoder layer `start` on its cached input."""
+        """Log-probs of chunk `index` when the model runs from decoder layer `start` on its cached input (start =
+        the number of layers: from the final norm on)."""
         hidden = self.inputs[index][start]
         for layer in self.adapter.layers(self.model)[start:]:
             out = layer(hidden, **self.kwargs[index])
@@ -248,14 +260,28 @@ def choose_fallback(probe: _Probe, aq, order: list[Site], config: Int8Config, ga
 
 
 # ---- the pass -------------------------------------------------------------------------------------------------
+def head_site(model, adapter, config: Int8Config) -> list[Site]:
+    """lm_head as a site of its own (after the last layer, never smoothed) for dynamic activations, if selected."""
+    head = [t for t in selected(list(adapter.weight_targets(model)), config.exclude) if t.name == adapter.lm_head_path]
+    if config.activations != "dynamic" or not head:
+        return []
+    return [Site(adapter.lm_head_path, len(adapter.layers(model)), head, None)]
+
+
 def apply(model: torch.nn.Module, config: Int8Config, ctx: StageContext) -> PassOutput:
     adapter, device = ctx.adapter, ctx.device
     if config.fallback == "auto" and ctx.gate is None:
         raise ValueError("int8 fallback: auto needs a gate on the stage")  # recipe validation catches it first
     state = QuantState("int8", 8, -1, True)
+    stats: dict = {"activations": config.activations, "smoothquant_alpha": config.smoothquant_alpha}
+    online = _rotate(model, adapter, config, ctx, stats)
     all_sites = {i: layer_sites(adapter, model, i) for i in range(len(adapter.layers(model)))}
+    for site in (s for sites in all_sites.values() for s in sites):
+        if online is not None and site.name in online.factors:
+            site.fold = None  # channels mixed by the rotation: no per-channel smoothing into up_proj
     sites_of = lambda i: [s for s in all_sites[i] if site_readers(s, config)]  # noqa: E731
-    stats: dict = {"calibration": config.calibration, "smoothquant_alpha": config.smoothquant_alpha}
+    if config.activations == "static":
+        stats["calibration"] = config.calibration
     with torch.no_grad():
         ranking = decide = None
         if config.fallback == "auto":
@@ -264,15 +290,16 @@ def apply(model: torch.nn.Module, config: Int8Config, ctx: StageContext) -> Pass
             decide = _Probe(model, adapter, calib[: config.fallback_windows], device, config.batch_size)
             model.to("cpu")
         t0 = time.perf_counter()
-        observers, stats["smoothed_sites"] = calibrate(model, ctx, config, sites_of)
-        sites = [s for i in sorted(all_sites) for s in sites_of(i)]
-        thresholds = {s.name: observers[s.name].threshold(config.calibration, config.percentile) for s in sites}
+        observers, stats["smoothed_sites"] = {}, 0
+        if config.activations == "static" or config.smoothquant_alpha is not None:
+            observers, stats["smoothed_sites"] = calibrate(model, ctx, config, sites_of)
+        sites = [s for i in sorted(all_sites) for s in sites_of(i)] + head_site(model, adapter, config)
+        thresholds = {}
+        if config.activations == "static":
+            thresholds = {s.name: observers[s.name].threshold(config.calibration, config.percentile) for s in sites}
         stats["calibration_s"] = time.perf_counter() - t0
         stats["quantized_weights"] = quantize_weights(model, adapter, config, state)
-        aq = controller(model.to(device))
-        for site in sites:
-            for name in site_readers(site, config):
-                aq.set_scale(name, thresholds[site.name] / 127.0)
+        aq = _activation_quant(model.to(device), sites, thresholds, config)
         sens, fallback = {}, []
         if ranking is not None:
             t1 = time.perf_counter()
@@ -283,12 +310,18 @@ def apply(model: torch.nn.Module, config: Int8Config, ctx: StageContext) -> Pass
             fallback = [s.name for s in order[:count]]
             stats["sensitivity_s"] = time.perf_counter() - t1
         aq.disable()
-        int8_sites = [s for s in sites if s.name not in fallback]
-        for site in int8_sites:
-            aq.enable(site_readers(site, config))
+        if online is not None:  # weights back in the original basis; the quantizer rotates around itself
+            for name, factors in online.finish().items():
+                if name in state.targets:  # an excluded down_proj is simply float again
+                    aq.set_rotation(name, factors)
+                    state.targets[name]["rotation"] = list(factors)
+        for site in sites:
+            if site.name not in fallback:
+                aq.enable(site_readers(site, config))
     _record(state, sites, set(fallback), thresholds, sens, config)
     stats.update(
         sites=len(sites), fallback_sites=fallback, w8a8_linear_flops_share=w8a8_share(model, adapter, aq.enabled),
+        w8a8_decoder_flops_share=w8a8_share(model, adapter, aq.enabled, decoder_only=True),
         sensitivity_kl={s.name: sens[s.name] for s in sites if s.name in sens},  # report.html charts it
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         calibration_tokens=int(ctx.calibration().numel()),
@@ -296,24 +329,54 @@ def apply(model: torch.nn.Module, config: Int8Config, ctx: StageContext) -> Pass
     return PassOutput(model, quant=state, summary=stats)
 
 
+def _rotate(model, adapter, config: Int8Config, ctx: StageContext, stats: dict) -> OnlineRotation | None:
+    """The offline rotation, and down_proj's inputs in the rotated basis until the pass ends (rotation.py)."""
+    if not config.rotate:
+        return None
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        raise RecipeError(
+            f"int8.rotate: the model runs in {dtype}; rotating weights there loses the int8 grid to rounding "
+            "(down_proj is stored rotated back). Fix: model.dtype: float32 for this stage, or rotate: false"
+        )
+    stats["rotation"] = rotate_model(model, adapter, ctx.seed)
+    return OnlineRotation(model, adapter)
+
+
+def _activation_quant(model, sites: list[Site], thresholds: dict, config: Int8Config):
+    """The model's activation quantizer with every site's readers set up (static scale or per token), all off."""
+    aq = controller(model)
+    for site in sites:
+        for name in site_readers(site, config):
+            if config.activations == "dynamic":
+                aq.set_dynamic(name)
+            else:
+                aq.set_scale(name, thresholds[site.name] / 127.0)
+    return aq
+
+
 def _record(state: QuantState, sites, fallback: set, thresholds: dict, sens: dict, config: Int8Config) -> None:
     for site in sites:
         precision = "float" if site.name in fallback else "int8"
         for name in site_readers(site, config):
-            state.activations[name] = {
-                "precision": precision, "site": site.name, "threshold": thresholds[site.name],
-                "observer": config.calibration, "sensitivity_kl": sens.get(site.name),
-            }  # fmt: skip
-            if precision == "int8":
-                state.tensors[f"{name}.input_scale"] = torch.tensor(thresholds[site.name] / 127.0)
+            info = {"precision": precision, "mode": config.activations, "site": site.name,
+                    "sensitivity_kl": sens.get(site.name)}  # fmt: skip
+            if config.activations == "static":
+                info |= {"threshold": thresholds[site.name], "observer": config.calibration}
+                if precision == "int8":
+                    state.tensors[f"{name}.input_scale"] = torch.tensor(thresholds[site.name] / 127.0)
+            state.activations[name] = info
 
 
-def w8a8_share(model, adapter, int8_linears: list[str]) -> float:
-    """Share of per-token Linear multiply-adds (decoder, routed experts at top-k, lm_head) that run W8A8."""
+def w8a8_share(model, adapter, int8_linears: list[str], decoder_only: bool = False) -> float:
+    """Share of per-token Linear multiply-adds (decoder, routed experts at top-k, and lm_head unless
+    `decoder_only`) that run W8A8."""
     config = model.config.get_text_config()
     active = set(int8_linears)
     total = int8 = 0
     for t in adapter.weight_targets(model):
+        if decoder_only and t.name == adapter.lm_head_path:
+            continue
         flops = t.param.shape[-1] * t.param.shape[-2]
         if t.kind == "experts":
             flops *= getattr(config, "num_experts_per_tok", 1)

@@ -12,7 +12,20 @@ from dscompress.compress.selection import WithExclude
 class Int8Config(WithExclude):
     """`int8:` stage. Example: `{calibration: kl, smoothquant_alpha: 0.5, fallback: auto}`."""
 
-    calibration: Literal["kl", "minmax", "percentile"] = Field("kl", description="activation range observer")
+    activations: Literal["static", "dynamic"] = Field(
+        "static",
+        description="static: one calibrated scale per activation tensor (TensorRT; the onnx target); dynamic: a "
+        "scale per token computed at run time (ONNX Runtime on CPUs; the onnx-ort target)",
+    )
+    rotate: bool = Field(
+        False,
+        description="QuaRot-style rotation first (dense Llama/Qwen2/Qwen3, float32): residual stream and V/O heads "
+        "folded into the weights, a block Hadamard around down_proj's input quantizer; the float model's output is "
+        "unchanged, its activation outliers are spread (docs/DESIGN.md)",
+    )
+    calibration: Literal["kl", "minmax", "percentile"] = Field(
+        "kl", description="activation range observer (static activations only)"
+    )
     percentile: float = Field(99.99, gt=50, le=100, description="for calibration: percentile")
     smoothquant_alpha: float | None = Field(
         0.5, ge=0, le=1, description="SmoothQuant migration strength; null turns SmoothQuant off"

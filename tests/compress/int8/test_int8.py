@@ -15,7 +15,7 @@ from dscompress.gates import Gate
 from dscompress.gates import within_margin as passes
 from dscompress.models.adapters import adapter_for
 from dscompress.models.tiny import TINY_ARCHS, tiny_config
-from dscompress.quant.actquant import attach_saved, fake_quant_int8
+from dscompress.quant.actquant import attach_saved, fake_quant_int8, fake_quant_int8_per_token, per_token_scale
 from dscompress.quant.qstate import QuantState
 
 
@@ -112,6 +112,41 @@ def test_fake_quant_matches_int8_arithmetic():
     fake = x_fake @ (wq.float() * sw[:, None]).T  # what the evaluated model computes, in float32
     torch.testing.assert_close(fake.double(), integer, rtol=1e-5, atol=1e-5)
     assert float(fake_quant_int8(torch.tensor([1e6]), sx)) == pytest.approx(127 * sx)
+
+
+def test_per_token_fake_quant_matches_the_integer_product():
+    """Dynamic activations: each token's own scale; the float tensor carries codes in [-127, 127] exactly, and the
+    fake-quantized product equals int32 accumulation scaled by token x channel scales."""
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(16, 64, generator=g), torch.randn(32, 64, generator=g)
+    x[3] *= 100  # an outlier token sets only its own scale
+    x[5] = 0  # an all-zero token stays zero
+    s = per_token_scale(x)
+    xq = fake_quant_int8_per_token(x)
+    codes = torch.round(xq / s)
+    assert torch.equal(codes, torch.round(x / s)) and codes.abs().max() == 127
+    assert torch.equal(xq[5], torch.zeros(64)) and (codes.abs().amax(1) == 127).sum() == 15
+    sw = w.abs().amax(1) / 127
+    wq = torch.round(w / sw[:, None])
+    integer = (codes.double() @ wq.double().T) * s.double() * sw.double()
+    torch.testing.assert_close((xq @ (wq * sw[:, None]).T).double(), integer, rtol=1e-5, atol=1e-5)
+
+
+def test_rotation_refuses_half_precision(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    stages = "stages: [{int8: {rotate: true, fallback: none}}]\n"
+    recipe.write_text("model: {path: 'tiny:llama', dtype: bfloat16}\n" + stages)
+    result = cli_here("run", str(recipe), "--out", str(tmp_path / "out"))
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == EXIT_BAD_INPUT and "int8.rotate" in lines[-1] and "float32" in lines[-1], result.stderr
+
+
+def test_dynamic_int8_is_refused_for_a_tensorrt_target(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {path: 'tiny:llama'}\ntarget: {device: orin-nx-16gb, jetpack: '6.2'}\n"
+                      "stages: [{int8: {activations: dynamic, fallback: none}}]\n")  # fmt: skip
+    result = cli_here("validate", str(recipe))
+    assert result.returncode == EXIT_BAD_INPUT and "dynamic per-token INT8 runs in ONNX Runtime" in result.stderr
 
 
 def test_passes_uses_the_margin_of_every_gated_metric():

@@ -17,10 +17,10 @@ Targets:
   the Q/DQ pairs into its integer kernels); dynamic per-token int8 activations (ONNX Runtime only) as
       s = Max(ReduceMax(Abs(x), -1) * (1/127), 1e-8);  x_u8 = Cast<uint8>(Round(x / s) + 128)     (once per tensor)
       y = Mul(Mul(Cast<float>(MatMulInteger(x_u8, W_s8, 128)), w_scale), s)                      (per Linear)
-  in standard operators. Measured on 2 CPU threads (docs/BENCHMARKS.md, "Dynamic per-token INT8"): ONNX Runtime's
-  MatMulInteger is fast for uint8 x int8 (MLAS) and 9x slower than float32 for int8 x int8, so the symmetric
-  activation codes are stored as uint8 with a constant zero point of 128; the codes stay in [1, 255] because
-  |x / s| <= 127, so no Clip is needed.
+  in standard operators. Measured on 2 CPU threads (docs/DESIGN.md, "Dynamic per-token int8 on ONNX Runtime"):
+  ONNX Runtime's MatMulInteger is fast for uint8 x int8 (MLAS) and 9x slower than float32 for int8 x int8, so
+  the symmetric activation codes are stored as uint8 with a constant zero point of 128; the codes stay in
+  [1, 255] because |x / s| <= 127, so no Clip is needed.
 Routed-expert weights stay as their dequantized float values (exact, not smaller).
 """
 

@@ -130,7 +130,8 @@ def test_zero_tolerance_on_int4_fails_the_parity_gate_and_keeps_the_previous(tmp
     out = tmp_path / "out"
     result = cli("run", str(tiny_recipe(tmp_path / "r.yaml", "tiny:llama", stages)), "--out", str(out))
     assert result.returncode == EXIT_GATE_FAILED, result.stderr
-    assert "onnx (exact Q/DQ, as TensorRT computes it): ORT perplexity" in result.stderr
+    # which metric trips first depends on the CPU's rounding (on some, ORT's perplexity equals torch's to the bit)
+    assert "onnx (exact Q/DQ, as TensorRT computes it): ORT " in result.stderr
     assert "kept 1-rtn" in result.stderr
     assert (out / "latest").resolve().name == "1-rtn"
     report = json.loads((out / "report.json").read_text())

@@ -23,6 +23,7 @@ matrix of the odd part (SmolLM2's hidden 576 = 64 x 9, Qwen2.5-0.5B's 896 = 128 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -51,9 +52,15 @@ def block_factors(width: int) -> tuple[int, int, int]:
 def rotate(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
     """x @ M along the last dimension (M as in the module docstring; M @ M = I, so this also undoes itself)."""
     shape = x.shape
-    ha, hb = sylvester(a, torch.float32).to(x.device), sylvester(b, torch.float32).to(x.device)
+    ha, hb = _factor(a, x.device), _factor(b, x.device)
     y = x.float().reshape(*shape[:-1], shape[-1] // (a * b), a, b)
     return (ha @ (y @ hb)).reshape(shape).to(x.dtype)
+
+
+@lru_cache(maxsize=32)
+def _factor(k: int, device: torch.device) -> torch.Tensor:
+    """sylvester(k) in float32 on `device`, built once: `rotate` runs in forward hooks on every call."""
+    return sylvester(k, torch.float32).to(device)
 
 
 def random_orthogonal_like_hadamard(width: int, seed: int) -> torch.Tensor:

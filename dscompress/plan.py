@@ -75,15 +75,28 @@ RUNTIME_BYTES = 1 << 30  # torch + transformers + tokenizer, measured ~1 GB RSS 
 
 
 def _distill_bytes(cfg, student: ModelInfo, teacher_bytes: int, seq_len: int) -> int:
-    """Per device: the fp32 student with gradients and two AdamW moments, the teacher, a micro-batch of student
-    and teacher logits (the chunked KL keeps only those two full-size), and the student's saved activations
-    (about 8 bytes per token for each hidden and MLP channel of every layer: a rough fp32 estimate)."""
+    """Per device: the fp32 student with gradients and two AdamW moments (LoRA: frozen, adapters trained), the
+    teacher, a micro-batch of student and teacher logits (the chunked KL keeps only those two full-size), and the
+    student's saved activations (about 8 bytes per token for each hidden and MLP channel of every layer: a rough
+    fp32 estimate)."""
     text = student.config.get_text_config()
     tokens = cfg.batch_size // cfg.grad_accum * seq_len
     logits = 2 * tokens * student.vocab_size * 4
     width = 4 * text.hidden_size + 3 * (getattr(text, "intermediate_size", 0) or 0)
     activations = tokens * text.num_hidden_layers * width * 8
-    return 16 * student.n_params + teacher_bytes + logits + activations + RUNTIME_BYTES
+    return _trained_bytes(cfg, student) + teacher_bytes + logits + activations + RUNTIME_BYTES
+
+
+def _trained_bytes(cfg, student: ModelInfo) -> int:
+    """16 bytes (fp32 weight, gradient, two moments) per trained parameter; with LoRA the student is frozen (4
+    bytes each) and the adapters train: rank x (in + out) per adapted decoder Linear."""
+    if cfg.lora is None:
+        return 16 * student.n_params
+    wanted = cfg.lora.targets
+    adapted = [t for t in student.targets if t.kind == "linear" and t.layer >= 0
+               and (wanted == "all-linear" or t.name.rsplit(".", 1)[-1] in wanted)]  # fmt: skip
+    adapter_params = sum(cfg.lora.rank * (t.in_features + t.param.shape[0]) for t in adapted)
+    return 4 * student.n_params + 16 * adapter_params
 
 
 def _pruned_info(info: ModelInfo, cfg) -> ModelInfo:

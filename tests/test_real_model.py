@@ -194,10 +194,11 @@ def test_shipped_w8a8_recipe_holds_2_percent_with_its_int8_share_stated(tmp_path
     _check_bundle(tmp_path / "out" / "latest", tmp_path / "bundle-int8", "orin-nx-16gb", "6.2")
 
 
+@pytest.mark.heavy  # about 5 minutes on 2 cores (a full SmolLM2 ONNX export); tiny models cover it in make test
 def test_rotated_dynamic_int8_on_smollm2_runs_in_onnx_runtime_as_gated(tmp_path):
     """The real model rotated (residual stream, V/O heads, a Hadamard before down_proj) with per-token int8
-    activations everywhere, lm_head too; exported as MatMulInteger for ONNX Runtime and gated there. Short windows
-    keep it inside CI's budget; the shipped recipe's numbers are in docs/BENCHMARKS.md (heavy case below)."""
+    activations everywhere, lm_head too; exported as MatMulInteger for ONNX Runtime and gated there. The shipped
+    recipe's numbers are in docs/BENCHMARKS.md (heavy case below)."""
     recipe = write_recipe(tmp_path / "r.yaml", (
         "model: {path: bundled:smollm2-135m-instruct}\n"
         "data: {eval: {samples: 4, seq_len: 128}, calibration: {samples: 4, seq_len: 128}}\n"
@@ -263,6 +264,7 @@ def test_smollm2_int4_g64_is_refused_for_an_orin(int4_g64_stage, tmp_path):
     assert refused.returncode == 2 and "INT4 group 64 does not run on orin-agx-64gb" in refused.stderr
 
 
+@pytest.mark.heavy  # about 5 minutes on 2 cores (a full SmolLM2 ONNX export); tiny models cover it in make test
 def test_ort_genai_on_smollm2_int4_generates_what_dscompress_generate_does(int4_g64_stage, tmp_path):
     """The real model in INT4 g64 (MatMulNBits), exported as `ort-genai` and opened by ONNX Runtime GenAI itself:
     its greedy text equals `dscompress generate` on the same export."""

@@ -61,5 +61,11 @@ with torch.no_grad():
     metrics = score(lambda ids: trained(ids.to(device)).logits.cpu(), spec)
 tokens = steps * batch * spec["train"].shape[1]
 finish(
-    spec, seconds=t.seconds, tokens=tokens, tokens_per_s=tokens / t.seconds, final_loss=float(loss.detach()), **metrics
+    spec,
+    seconds=t.seconds,
+    tokens=tokens,
+    tokens_per_s=tokens / t.seconds,
+    final_loss=float(loss.detach()),
+    peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    **metrics,
 )

@@ -34,6 +34,11 @@ def check(config: DistillConfig, info) -> list[tuple[str, str]]:
     problems = []
     if config.hidden and (bad := [i for i in config.hidden.layers if not 0 <= i < layers]):
         problems.append(("hidden.layers", f"{bad} are not student layers (0..{layers - 1})"))
+    if config.lora and config.lora.targets != "all-linear":
+        names = sorted({t.name.rsplit(".", 1)[-1] for t in info.targets if t.kind == "linear" and t.layer >= 0})
+        if bad := [x for x in config.lora.targets if x not in names]:
+            problems.append(("lora.targets", f"{bad} name no decoder Linear of this model; allowed: all-linear or "
+                                             f"some of {', '.join(names)}"))  # fmt: skip
     return problems
 
 

@@ -30,6 +30,20 @@ class HiddenLoss(BaseModel):
     weight: float = Field(1.0, gt=0, description="weight of the hidden-state loss beside the logit KL")
 
 
+class LoraSettings(BaseModel):
+    """`lora:` inside `distill:`: train low-rank adapters (peft) on a frozen student instead of every weight."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(16, ge=1, le=1024, description="adapter rank r (each adapted Linear gains r x (in + out))")
+    alpha: float = Field(32.0, gt=0, description="adapter scale numerator: the update is (alpha / rank) * B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter path's input while training")
+    targets: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Linear module names to adapt (suffixes such as q_proj, down_proj), or all-linear: every Linear "
+        "of the decoder but lm_head (routed experts stored as stacked weights stay frozen)",
+    )
+
+
 class DistillConfig(BaseModel):
     """`distill:` stage. Example: `{budget: {tokens: 2000000}, lr: 1e-4}`."""
 
@@ -53,7 +67,14 @@ class DistillConfig(BaseModel):
     devices: int | Literal["auto"] = Field(1, description="processes (GPUs); auto: every visible GPU")
     quantized: Literal["ste", "requantize"] = Field(
         "ste",
-        description="quantized students: ste keeps weights on their grid; requantize re-quantizes at the end",
+        description="quantized students: ste keeps weights on their grid; requantize re-quantizes at the end (with "
+        "lora: ste trains the adapters through the grid and snaps the merged weights onto it; requantize trains "
+        "them over the frozen grid weights and re-quantizes the merged ones)",
+    )
+    lora: LoraSettings | None = Field(
+        None,
+        description="train LoRA adapters instead of every weight (optimizer state for the adapters only); merged "
+        "into the weights at the end, so the stage is a stock checkpoint",
     )
     teacher_topk: int | None = Field(None, ge=1, description="precompute the teacher's top-k log-probs to disk")
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from dscompress.artifact import read_manifest
 from dscompress.atomic import atomic_save_safetensors, sha256_file
-from dscompress.compress.distill import ste
+from dscompress.compress.distill import lora, ste
 from dscompress.compress.distill.config import DistillConfig
 from dscompress.compress.distill.job import DistillJob, EvalRecord
 from dscompress.compress.distill.train import Capture, Loop, Shapes, load_weights
@@ -170,9 +170,16 @@ def make_teacher(job: Job, device: torch.device, topk: Path | None):
     return forward, capture
 
 
-def build_loop(job: Job, student, acc, on_progress, evaluate) -> Loop:
-    """The loop with the student parametrized onto its grid (STE) and hidden-state captures wired."""
+def build_loop(job: Job, student, acc, on_progress, evaluate) -> tuple[Loop, lora.Adapters | None]:
+    """The loop with the student's adapters injected (LoRA) or its weights parametrized onto their grid (STE), and
+    hidden-state captures wired; the adapters (None without LoRA)."""
     cfg = job.config
+    adapters = None
+    if cfg.lora is not None:
+        grid = job.quant if cfg.quantized == "ste" else None
+        adapters = lora.attach(student, cfg.lora, job.seed, grid)
+    elif job.quant is not None and cfg.quantized == "ste":
+        ste.attach_grid(student, job.quant)
     teacher, teacher_cap = make_teacher(job, acc.device, job.topk_file)
     projections, capture = torch.nn.ModuleDict(), None
     if cfg.hidden:
@@ -185,8 +192,13 @@ def build_loop(job: Job, student, acc, on_progress, evaluate) -> Loop:
                 projections[str(j)] = torch.nn.Linear(s_width, t_width, bias=False)
                 torch.nn.init.normal_(projections[str(j)].weight, std=s_width**-0.5, generator=gen)
         capture = (student_cap, teacher_cap, job.shapes.layer_map, job.shapes.hidden_index)
-    return Loop(acc, student, teacher, job.train, cfg, job.seed, job.state_dir, evaluate, on_progress,
-                projections, capture)  # fmt: skip
+    loop = Loop(acc, student, teacher, job.train, cfg, job.seed, job.state_dir, evaluate, on_progress,
+                projections, capture, adapters_only=adapters is not None)  # fmt: skip
+    return loop, adapters
+
+
+# where merged LoRA weights end, by the student's `quantized:` mode (None: a float student)
+MERGED = {None: "float", "ste": "snapped onto the stored grid", "requantize": "re-quantized (RTN)"}
 
 
 @dataclass
@@ -219,16 +231,19 @@ def run(job: Job, model, ctx) -> Result:
 
     if world > 1:
         state = launch(job, model, world, bf16, ctx.device, on_progress)
-        owners = state.pop("owners")
+        adapters = state.pop("adapters")
     else:
-        owners = ste.attach_grid(model, job.quant) if job.quant and cfg.quantized == "ste" else []
-        loop = build_loop(job, model, SingleDevice(ctx.device, bf16), on_progress, job.evaluation)
+        loop, adapters = build_loop(job, model, SingleDevice(ctx.device, bf16), on_progress, job.evaluation)
         loop.run()
         state = loop.state.__dict__
+        adapters = lora.finish(model, adapters, cfg.lora)
     ctx.progress.remove_task(task)
     model.to("cpu")
-    ste.snap_to_grid(owners)
+    if job.quant is not None and cfg.quantized == "ste":  # merged LoRA weights get their grid back first
+        ste.snap_to_grid(ste.parametrized(model) or ste.attach_grid(model, job.quant))
     quant = ste.requantize(model, job.quant) if job.quant and cfg.quantized == "requantize" else None
+    if adapters:
+        adapters["merged"] = MERGED[cfg.quantized if job.quant else None]
     summary = {
         "teacher": cfg.teacher, "world_size": world, "precision": "bf16" if bf16 else "fp32",
         "steps": state["step"], "tokens": state["tokens"], "train_seconds": state["elapsed_s"],
@@ -236,13 +251,19 @@ def run(job: Job, model, ctx) -> Result:
         "resumed_from_step": state["resumed_from"], "schedule_steps": state["total_steps"],
         "layer_map": job.shapes.layer_map if cfg.hidden else None,
         "hidden_channels_from_prune": job.shapes.hidden_index is not None,
-        "quantized": cfg.quantized if job.quant else None, "history": state["history"],
+        "quantized": cfg.quantized if job.quant else None, "lora": adapters,
+        "eval_seconds": state["eval_s"], "checkpoint_seconds": state["checkpoint_s"],
+        "train_tokens_per_s": state["tokens"] / max(state["elapsed_s"] - state["eval_s"] - state["checkpoint_s"],
+                                                    1e-9),
+        "history": state["history"],
     }  # fmt: skip
     return Result(model.eval(), quant, summary)
 
 
 def launch(job: Job, model, world: int, bf16: bool, device: torch.device, on_progress) -> dict:
-    """One worker per device under torch.distributed.run; returns rank 0's final TrainState (and STE owners)."""
+    """One worker per device under torch.distributed.run; returns rank 0's final TrainState and adapters' summary.
+    The workers merge LoRA adapters before writing the weights; full STE weights load into the grid's
+    parametrization, which run() then snaps."""
     wdir = job.state_dir / "worker"
     wdir.mkdir(parents=True, exist_ok=True)
     (wdir / "progress.json").unlink(missing_ok=True)
@@ -258,7 +279,7 @@ def launch(job: Job, model, world: int, bf16: bool, device: torch.device, on_pro
         quantized=job.quant is not None, eval=record,
     ).write(wdir / "job.json")  # fmt: skip
     run_workers("dscompress.compress.distill.worker", wdir / "job.json", world, on_progress)
-    owners = ste.attach_grid(model, job.quant) if job.quant and job.config.quantized == "ste" else []
+    if job.quant and job.config.quantized == "ste" and job.config.lora is None:
+        ste.attach_grid(model, job.quant)
     load_weights(model, load_file(str(wdir / "final.safetensors")))
-    state = json.loads((wdir / "state.json").read_text())
-    return {**state, "owners": owners}
+    return json.loads((wdir / "state.json").read_text())

@@ -50,6 +50,11 @@ def attach_grid(model: nn.Module, quant: QuantState) -> list[tuple[nn.Module, st
     return owners
 
 
+def parametrized(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every (module, attribute) of `model` under a parametrization (attach_grid's, after a DDP load)."""
+    return [(m, attr) for m in model.modules() if parametrize.is_parametrized(m) for attr in m.parametrizations]
+
+
 def snap_to_grid(owners: list[tuple[nn.Module, str]]) -> None:
     """Remove the parametrizations, leaving each weight exactly on its grid."""
     for module, attr in owners:

@@ -42,6 +42,8 @@ class TrainState:
     history: list = field(default_factory=list)  # {"step", "tokens", "loss", metrics...} at each evaluation
     stopped_by: str | None = None
     resumed_from: int = 0
+    eval_s: float = 0.0  # of elapsed_s: evaluations (gate checks) and checkpoint writes, not training
+    checkpoint_s: float = 0.0
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -60,9 +62,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 class _FullKD(torch.autograd.Function):
     """mean over tokens of KL(softmax(t / T) || softmax(s / T)) * T^2, in chunks of tokens.
 
-    Nothing (B, T, V)-sized is kept for backward but the two logit tensors themselves: the gradient,
-    (softmax(s / T) - softmax(t / T)) * T / N, is recomputed chunk by chunk. With a 49k vocabulary this is the
-    difference between a few GB and tens of GB at batch 32 x 512."""
+    Nothing (B, T, V)-sized is kept for backward but the gradient itself, (softmax(s / T) - softmax(t / T)) * T / N,
+    written chunk by chunk in the forward (where both softmaxes are at hand) in the logits' dtype: the float32
+    temporaries of one chunk at a time instead of autograd's several full-size ones (a few GB against tens of GB
+    at batch 32 x 512 with a 49k vocabulary), and the backward is one multiply instead of two more softmaxes."""
 
     CHUNK = 4096  # tokens per chunk: 800 MB of float32 temporaries at a 49k vocabulary
 
@@ -70,26 +73,21 @@ class _FullKD(torch.autograd.Function):
     def forward(ctx, student, teacher, temperature):
         s, t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         total = torch.zeros((), dtype=torch.float64, device=s.device)
+        gradient = torch.empty_like(s)
         for i in range(0, len(s), _FullKD.CHUNK):
             s_logp = F.log_softmax(s[i : i + _FullKD.CHUNK].float() / temperature, dim=-1)
             t_logp = F.log_softmax(t[i : i + _FullKD.CHUNK].float() / temperature, dim=-1)
-            total += (t_logp.exp() * (t_logp - s_logp)).sum(dtype=torch.float64)
-        ctx.save_for_backward(student, teacher)
-        ctx.temperature = temperature
+            p_t = t_logp.exp()
+            total += (p_t * (t_logp - s_logp)).sum(dtype=torch.float64)
+            gradient[i : i + _FullKD.CHUNK] = ((s_logp.exp() - p_t) * (temperature / len(s))).to(s.dtype)
+        ctx.save_for_backward(gradient)
+        ctx.shape = student.shape
         return (total / len(s) * temperature**2).float()
 
     @staticmethod
     def backward(ctx, grad):
-        student, teacher = ctx.saved_tensors
-        temperature = ctx.temperature
-        s, t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-        out = torch.empty_like(s)
-        scale = grad * temperature / len(s)
-        for i in range(0, len(s), _FullKD.CHUNK):
-            p_s = F.softmax(s[i : i + _FullKD.CHUNK].float() / temperature, dim=-1)
-            p_t = F.softmax(t[i : i + _FullKD.CHUNK].float() / temperature, dim=-1)
-            out[i : i + _FullKD.CHUNK] = ((p_s - p_t) * scale).to(out.dtype)
-        return out.reshape(student.shape), None, None
+        (gradient,) = ctx.saved_tensors
+        return (gradient * grad.to(gradient.dtype)).reshape(ctx.shape), None, None
 
 
 def kd_loss(student_logits: torch.Tensor, teacher, temperature: float) -> torch.Tensor:
@@ -131,29 +129,35 @@ class Capture:
             h.remove()
 
 
-def weights(model) -> dict[str, torch.Tensor]:
-    """The state dict with tied aliases (lm_head = embeddings) stored once: safetensors refuses shared memory."""
+def weights(model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict with tied aliases (lm_head = embeddings) stored once: safetensors refuses shared memory.
+    trainable_only: just the parameters that train (LoRA adapters), which is all a resume needs besides the input."""
     seen, out = set(), {}
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
     for name, tensor in model.state_dict().items():
+        if keep is not None and name not in keep:
+            continue
         if tensor.data_ptr() not in seen or tensor.numel() == 0:
             seen.add(tensor.data_ptr())
             out[name] = tensor.detach().cpu().contiguous()
     return out
 
 
-def load_weights(model, tensors: dict[str, torch.Tensor]) -> None:
-    """Load what `weights` wrote; only tied aliases may be missing."""
+def load_weights(model, tensors: dict[str, torch.Tensor], trainable_only: bool = False) -> None:
+    """Load what `weights` wrote; only tied aliases (and, trainable_only, frozen weights) may be missing."""
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     params = dict(model.named_parameters(remove_duplicate=False))
+    if trainable_only:
+        missing = [k for k in missing if k in params and params[k].requires_grad]
     bad = [k for k in missing if k not in params or all(params[k] is not v for n, v in params.items() if n != k)]
     if bad or unexpected:
         raise RuntimeError(f"checkpoint does not match the student: missing {bad[:3]}, unexpected {unexpected[:3]}")
 
 
-def save_checkpoint(path: Path, model, projections, optimizer, state: TrainState) -> None:
-    """Everything a resumed run needs, swapped in atomically."""
+def save_checkpoint(path: Path, model, projections, optimizer, state: TrainState, adapters_only: bool = False) -> None:
+    """Everything a resumed run needs, swapped in atomically (with LoRA: the adapters, not the frozen student)."""
     with atomic_dir(path) as tmp:
-        save_file(weights(model), str(tmp / "student.safetensors"))
+        save_file(weights(model, adapters_only), str(tmp / "student.safetensors"))
         tensors = {f"proj.{k}": v.detach().cpu() for k, v in projections.state_dict().items()}
         params = [p for group in optimizer.param_groups for p in group["params"]]
         for i, p in enumerate(params):
@@ -166,17 +170,18 @@ def save_checkpoint(path: Path, model, projections, optimizer, state: TrainState
         atomic_write_json(tmp / "state.json", state.__dict__)
 
 
-def load_checkpoint(path: Path, model, projections, optimizer) -> TrainState | None:
+def load_checkpoint(path: Path, model, projections, optimizer, adapters_only: bool = False) -> TrainState | None:
     if not (path / "state.json").is_file():
         return None
-    load_weights(model, load_file(str(path / "student.safetensors")))
+    load_weights(model, load_file(str(path / "student.safetensors")), adapters_only)
     tensors = load_file(str(path / "state.safetensors"))
     projections.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, p in enumerate(params):
         found = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
         if found:
-            optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in found.items()}
+            on_device = optimizer.defaults.get("fused")  # the fused kernel keeps its step count on the device
+            optimizer.state[p] = {k: v.to(p.device) if k != "step" or on_device else v for k, v in found.items()}
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -201,6 +206,7 @@ class Loop:
     projections: torch.nn.ModuleDict = field(default_factory=torch.nn.ModuleDict)
     capture: tuple | None = None  # (student Capture, teacher Capture, layer_map, hidden_index)
     state: TrainState = field(default_factory=TrainState)
+    adapters_only: bool = False  # LoRA: only the adapters train (and are checkpointed)
 
     def __post_init__(self):
         self._perms: dict[int, torch.Tensor] = {}
@@ -236,13 +242,15 @@ class Loop:
                 loss = loss + cfg.hidden.weight * hidden_loss(s_h, t_h, cfg.hidden.loss) / len(student_cap.out)
         return loss
 
-    def _step(self, model, optimizer, params) -> float:
+    def _step(self, model, optimizer, params) -> torch.Tensor:
+        """One optimizer step; the global mean loss as a device tensor (reading it waits for the step to finish,
+        so the caller reads it only when it reports)."""
         cfg, acc, state = self.cfg, self.acc, self.state
         micro = cfg.batch_size // cfg.grad_accum
         total = state.total_steps or 10**9
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(state.step, cfg.warmup_steps, total, cfg.min_lr_ratio)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=acc.device)
         for a in range(cfg.grad_accum):
             base = state.step * cfg.batch_size + a * micro
             rows = [self._sample(base + r) for r in range(acc.process_index, micro, acc.num_processes)]
@@ -251,11 +259,10 @@ class Loop:
             with sync, acc.autocast():
                 loss = self._loss(model, rows, ids) / cfg.grad_accum
                 acc.backward(loss)
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach().float()
         if acc.num_processes > 1:  # the reported loss is the global mean, not rank 0's shard
-            total_loss = torch.tensor([loss_sum], device=acc.device)
-            torch.distributed.all_reduce(total_loss)
-            loss_sum = float(total_loss) / acc.num_processes
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= acc.num_processes
         acc.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -284,7 +291,7 @@ class Loop:
             state.total_steps = self._agree(min(by_time, tokens_steps or by_time))
 
     def _evaluate(self, model, loss: float | None) -> bool:
-        stop = False
+        stop, started = False, time.perf_counter()
         if self.acc.is_main_process and self.evaluate is not None:
             model.eval()
             with torch.no_grad():
@@ -293,15 +300,28 @@ class Loop:
             self.state.history.append({**metrics, "step": self.state.step, "tokens": self.state.tokens,
                                        "loss": loss, "gate_met": met})  # fmt: skip
             stop = met and self.cfg.stop_when_gate_met
-        return self._agree(stop)
+        stop = self._agree(stop)
+        self.state.eval_s += time.perf_counter() - started
+        return stop
+
+    def _checkpoint(self, model, optimizer) -> None:
+        started = time.perf_counter()
+        if self.acc.is_main_process:
+            save_checkpoint(self.state_dir / "ckpt", self.acc.unwrap_model(model), self.projections, optimizer,
+                            self.state, self.adapters_only)  # fmt: skip
+        self.acc.wait_for_everyone()
+        self.state.checkpoint_s += time.perf_counter() - started
 
     def run(self) -> torch.nn.Module:
         cfg, acc = self.cfg, self.acc
         self.student.to(acc.device).train()
         self.projections.to(acc.device)
         params = [p for p in self.student.parameters() if p.requires_grad] + list(self.projections.parameters())
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if loaded := load_checkpoint(self.state_dir / "ckpt", self.student, self.projections, optimizer):
+        # fused: one kernel for every parameter's update on CUDA (the foreach default launches several per step)
+        fused = True if acc.device.type == "cuda" else None
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        ckpt = self.state_dir / "ckpt"
+        if loaded := load_checkpoint(ckpt, self.student, self.projections, optimizer, self.adapters_only):
             self.state = loaded
         model, optimizer = acc.prepare(self.student, optimizer)
         started, first_step = time.perf_counter() - self.state.elapsed_s, self.state.step
@@ -309,23 +329,27 @@ class Loop:
         self._fix_schedule(started, first_step)
         reason = "gate" if self.state.step == 0 and self._evaluate(model, None) else None  # the starting point
         timed = self.cfg.budget.minutes is not None  # only wall-clock stops can differ between ranks
+        reported = 0.0
         while reason is None:
             reason = self._agree(self._stop_reason(started)) if timed else self._stop_reason(started)
             if reason is not None:
                 break
             loss = self._step(model, optimizer, params)
+            if self.state.total_steps is None:  # a minutes budget times its first steps: wait for each to finish
+                float(loss)
             self.state.elapsed_s = time.perf_counter() - started
             self._fix_schedule(started, first_step)
             done = self.state.step
-            rate = (self.state.tokens - tokens0) / max(1e-9, self.state.elapsed_s - elapsed0)
-            self.on_progress({"step": done, "total": self.state.total_steps, "loss": loss, "tokens_per_s": rate,
-                              "tokens": self.state.tokens, "elapsed_s": self.state.elapsed_s})  # fmt: skip
-            if done % cfg.eval_every == 0 and self._evaluate(model, loss):
+            evaluating, saving = done % cfg.eval_every == 0, done % cfg.checkpoint_every == 0
+            if evaluating or self.state.elapsed_s - reported >= 1.0 or done == self.state.total_steps:
+                reported = self.state.elapsed_s  # at most one host-device sync a second for the display
+                rate = (self.state.tokens - tokens0) / max(1e-9, self.state.elapsed_s - elapsed0)
+                self.on_progress({"step": done, "total": self.state.total_steps, "loss": float(loss),
+                                  "tokens_per_s": rate, "tokens": self.state.tokens,
+                                  "elapsed_s": self.state.elapsed_s})  # fmt: skip
+            if evaluating and self._evaluate(model, float(loss)):
                 reason = "gate"
-            if done % cfg.checkpoint_every == 0 or reason:
-                if acc.is_main_process:
-                    save_checkpoint(self.state_dir / "ckpt", acc.unwrap_model(model), self.projections, optimizer,
-                                    self.state)  # fmt: skip
-                acc.wait_for_everyone()
+            if saving or reason:
+                self._checkpoint(model, optimizer)
         self.state.stopped_by = reason
         return acc.unwrap_model(model)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from dscompress.atomic import atomic_save_safetensors, atomic_write_json
-from dscompress.compress.distill import ste
+from dscompress.compress.distill import lora
 from dscompress.compress.distill.job import DistillJob
 from dscompress.compress.distill.loop import Job, build_loop
 from dscompress.compress.distill.train import Shapes, weights
@@ -33,8 +33,6 @@ def main(path: Path) -> None:
     windows = load_file(str(wdir / "windows.safetensors"))
     student = load_model(wdir / "student-init", spec.dtype)
     quant = QuantState.load(spec.input_dir) if spec.quantized else None
-    if quant is not None and config.quantized == "ste":
-        ste.attach_grid(student, quant)
     ev = spec.eval
     evaluation = EvalSpec(windows["eval"], ev.ref_dir, ev.batch_size, ev.gate, ev.baseline, ev.previous) \
         if ev and acc.is_main_process else None  # fmt: skip
@@ -49,11 +47,12 @@ def main(path: Path) -> None:
         if acc.is_main_process:
             atomic_write_json(wdir / "progress.json", info)
 
-    loop = build_loop(job, student, acc, on_progress, evaluation)
+    loop, adapters = build_loop(job, student, acc, on_progress, evaluation)
     trained = loop.run()
     if acc.is_main_process:
+        summary = lora.finish(trained, adapters, config.lora)  # merged: the parent loads plain weights
         atomic_save_safetensors(weights(trained), wdir / "final.safetensors")
-        atomic_write_json(wdir / "state.json", loop.state.__dict__)
+        atomic_write_json(wdir / "state.json", loop.state.__dict__ | {"adapters": summary})
     acc.wait_for_everyone()
     acc.end_training()
 

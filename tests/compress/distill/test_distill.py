@@ -118,6 +118,8 @@ def other_vocabulary(path):
         (PRUNE + distill(teacher="VOCAB"), "has a vocabulary of 512 and the student 320"),
         (PRUNE + distill(hidden="{layers: [5]}"), "[5] are not student layers (0..1)"),
         (PRUNE + distill(batch_size=6, grad_accum=4), "batch_size 6 does not split into grad_accum 4 parts"),
+        (PRUNE + distill(lora="{targets: [qkv_proj]}"), "stages[1].distill.lora.targets: ['qkv_proj'] name no "
+                                                        "decoder Linear of this model; allowed: all-linear or some of"),
     ],
 )  # fmt: skip
 def test_bad_options_are_one_line_errors(tmp_path, stages, expect):
@@ -160,6 +162,11 @@ def test_plan_reports_training_memory_and_prune_advice(tmp_path):
     prune, train = plan["stages"]
     assert plan["params"] > prune["params"] == train["params"]  # the header is the source model
     assert train["train_memory_bytes"] > 16 * train["params"] and "lost least" in prune["advice"]
+    lora = json.loads(cli("plan", str(recipe(tmp_path, PRUNE + distill(lora=LORA), name="l.yaml")), "--json").stdout)
+    saved = train["train_memory_bytes"] - lora["stages"][1]["train_memory_bytes"]
+    # 12 of 16 bytes per frozen weight, minus the adapters' 16: 24,576 of them, as peft injects (the LoRA run's
+    # summary on this pruned student says the same)
+    assert saved == 12 * train["params"] - 16 * 24576
 
 
 def test_topk_cache_key_follows_the_teachers_weights_and_the_text(tmp_path):
@@ -178,3 +185,104 @@ def test_topk_cache_key_follows_the_teachers_weights_and_the_text(tmp_path):
     weights[name] = weights[name] + 1
     save_file(weights, str(teacher / "model.safetensors"))
     assert _topk_key(job) != key
+
+
+LORA = "{rank: 8, alpha: 16}"
+
+
+def test_lora_recovers_a_pruned_student_and_merges_into_a_stock_checkpoint(tmp_path):
+    report = run_recipe(recipe(tmp_path, PRUNE + distill(lora=LORA)), tmp_path / "out")
+    s = summary(tmp_path / "out")
+    assert s["history"][-1]["kl"] <= 0.8 * s["history"][0]["kl"], s["history"]
+    adapters = s["lora"]
+    assert adapters["adapted_linears"] == 14 and adapters["merged"] == "float"  # 7 Linears x 2 layers
+    assert adapters["trainable_params"] == 24576  # rank 8 x (in + out) summed over the 14 pruned Linears
+    assert adapters["trainable_params"] < 0.25 * adapters["frozen_params"]
+    assert report["stages"][2]["metrics"]["kl"] < report["stages"][1]["metrics"]["kl"]
+    stored = load_file(str(tmp_path / "out" / "2-distill" / "model.safetensors"))
+    assert not [k for k in stored if "lora" in k or "base_layer" in k]
+    before = load_file(str(tmp_path / "out" / "1-prune" / "model.safetensors"))
+    assert all(torch.equal(stored[k], before[k]) for k in stored if "norm" in k or "embed" in k)  # frozen
+    assert any(not torch.equal(stored[k], before[k]) for k in stored if k.endswith("q_proj.weight"))  # merged
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "2-distill")
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_lora_through_the_grid_computes_the_merged_quantized_weight():
+    """The ste adapter layer's output is x Q(W0 + D)^T exactly; its adapters get the straight-through gradient."""
+    from dscompress.compress.distill import lora
+    from dscompress.compress.distill.config import LoraSettings
+    from dscompress.quant.primitives import fake_quantize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    w0, scale, zero = fake_quantize(model[0].weight.detach(), 4, 16, False)
+    with torch.no_grad():
+        model[0].weight.copy_(w0)
+    grid = QuantState("rtn", 4, 16, False)
+    grid.add("0", "linear", w0.shape, scale, zero)
+    adapters = lora.attach(model, LoraSettings(rank=4, alpha=8, targets=["0"]), seed=1, grid=grid)
+    assert adapters.through_grid == ["0"]
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.05)  # a delta large enough to move codes
+    x = torch.randn(5, 64)
+    delta = layer.get_delta_weight("default").detach()
+    quantized = (torch.round((w0 + delta).reshape(32, 4, 16) / scale[..., None]) + zero[..., None]).clamp(0, 15)
+    expected_w = ((quantized - zero[..., None]) * scale[..., None]).reshape(32, 64)
+    out = model(x)
+    assert torch.allclose(out, x @ expected_w.T, atol=1e-5) and not torch.equal(expected_w, w0)
+    out.square().sum().backward()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    grad_w = 2 * out.detach().T @ x  # d/dW of sum((x W^T)^2) at the quantized W, passed straight through
+    s = layer.scaling["default"]
+    assert torch.allclose(b.grad, s * grad_w @ a.detach().T, atol=1e-4)
+    assert torch.allclose(a.grad, s * b.detach().T @ grad_w, atol=1e-4)
+    assert lora.merge(model) == 1 and isinstance(model[0], torch.nn.Linear)
+    assert torch.allclose(model[0].weight, w0 + delta, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ste", "requantize"])
+def test_lora_on_a_quantized_student_ends_on_a_grid(tmp_path, mode):
+    rtn = "  - rtn: {bits: 4, group_size: 64, symmetric: false}\n"
+    run_recipe(recipe(tmp_path, rtn + distill(10240, quantized=mode, lora=LORA)), tmp_path / "out")
+    stage, before = tmp_path / "out" / "2-distill", tmp_path / "out" / "1-rtn"
+    quant, old = QuantState.load(stage), QuantState.load(before)
+    assert off_grid(load_model(stage), quant) == []
+    trained, start = load_file(str(stage / "model.safetensors")), load_file(str(before / "model.safetensors"))
+    assert any(not torch.equal(trained[k + ".weight"], start[k + ".weight"]) for k in quant.targets)
+    same_scales = all(torch.equal(quant.tensors[k], old.tensors[k]) for k in old.tensors)
+    s = summary(tmp_path / "out")
+    assert same_scales == (mode == "ste") and s["lora"]["through_grid"] == (14 if mode == "ste" else 0)
+    if mode == "ste":  # the recovered stage packs like the GPTQ/RTN stage it came from
+        from dscompress.export.formats import export
+
+        packed = export(stage, tmp_path / "packed", "gptq_v2")
+        assert json.loads((packed / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq_v2"
+
+
+def test_sigkilled_lora_distillation_resumes_to_identical_bytes_from_adapter_checkpoints(tmp_path):
+    stages = PRUNE + distill(40960, lora=LORA)
+    run_recipe(recipe(tmp_path, stages), tmp_path / "full")
+    killed = tmp_path / "killed"
+    run_and_sigkill(recipe(tmp_path, stages, name="k.yaml"), killed, ".resume/2-distill-*/ckpt/state.json")
+    saved = load_file(str(next(killed.glob(".resume/2-distill-*/ckpt")) / "student.safetensors"))
+    assert saved and all(".lora_" in k for k in saved)  # the adapters, not the frozen student
+    assert cli("run", str(tmp_path / "k.yaml"), "--out", str(killed)).returncode == 0
+    assert summary(killed)["resumed_from_step"] >= 10
+    full = (tmp_path / "full" / "2-distill" / "model.safetensors").read_bytes()
+    assert (killed / "2-distill" / "model.safetensors").read_bytes() == full
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_lora_adapts_the_linears_of_moe_and_mla_models_and_leaves_stacked_experts_frozen(tmp_path, arch):
+    rtn = "  - rtn: {bits: 4, group_size: 32, symmetric: false}\n"
+    report = run_recipe(recipe(tmp_path, rtn + distill(2048, lora=LORA), model=f"tiny:{arch}"), tmp_path / "out")
+    assert report["result"] == "passed"
+    stage, before = tmp_path / "out" / "2-distill", tmp_path / "out" / "1-rtn"
+    assert off_grid(load_model(stage), QuantState.load(stage)) == []
+    trained, start = load_file(str(stage / "model.safetensors")), load_file(str(before / "model.safetensors"))
+    experts = [k for k in trained if ".experts." in k and "shared" not in k]
+    assert experts and all(torch.equal(trained[k], start[k]) for k in experts)
+    adapted = summary(tmp_path / "out")["lora"]
+    assert adapted["adapted_linears"] > 0 and adapted["through_grid"] == adapted["adapted_linears"]

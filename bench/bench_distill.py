@@ -45,8 +45,8 @@ HERE = Path(__file__).resolve().parent
 MODEL = "bundled:smollm2-135m-instruct"
 
 
-def mlp_size(target: float) -> int:
-    config = load_config(resolve(MODEL).directory)
+def mlp_size(model: str, target: float) -> int:
+    config = load_config(resolve(model).directory)
     from dscompress.models.info import inspect_config
 
     total = inspect_config(config).n_params
@@ -55,10 +55,10 @@ def mlp_size(target: float) -> int:
 
 
 def recipe(args, distill: dict | None, first: dict | None = None, gate: dict | None = None) -> dict:
-    first = first or {"name": "prune25", "prune": {"mlp": {"size": mlp_size(0.25)}}}
+    first = first or {"name": "prune25", "prune": {"mlp": {"size": mlp_size(args.model, 0.25)}}}
     gate = gate or {"perplexity": {"max_increase_pct": 10}}
     return {
-        "model": {"path": MODEL},
+        "model": {"path": args.model},
         "data": {"extra_train_source": "builtin:stdlib-docstrings", "train": {"samples": "all", "seq_len": 512},
                  "calibration": {"samples": 32, "seq_len": 512}, "batch_size": 16},
         "stages": [first] + ([{"distill": distill, "gate": gate, "name": args.name}] if distill else []),
@@ -91,7 +91,7 @@ def row(report: dict, method: str, **extra) -> dict:
     """One distill_lora.json row from a report whose last stage distilled the one before it."""
     base, before, after = report["stages"][0], report["stages"][-2], report["stages"][-1]
     s = after["summary"]
-    return {"model": MODEL, "method": method, "tokens": s["tokens"], "tokens_per_s": s["train_tokens_per_s"],
+    return {"model": report["model"], "method": method, "tokens": s["tokens"], "tokens_per_s": s["train_tokens_per_s"],
             "stage_tokens_per_s": s["tokens_per_s"], "train_seconds": s["train_seconds"],
             "eval_seconds": s["eval_seconds"], "peak_gpu_gib": report["peak_gpu_gib"],
             "ppl_before": before["metrics"]["perplexity"], "ppl_after": after["metrics"]["perplexity"],
@@ -128,7 +128,7 @@ def peer(args, report: dict, config: dict) -> dict:
     spec = report["stages"][2]["summary"]
     steps, out = spec["steps"], args.work / "out"
     loaded, _ = load_recipe(args.work / "ours.yaml")
-    corpus = Corpus(loaded.data, load_tokenizer(resolve(MODEL).directory))
+    corpus = Corpus(loaded.data, load_tokenizer(resolve(args.model).directory))
     train, n = corpus.windows("train"), len(corpus.windows("train"))
     seed = loaded.seed + 2  # the distill stage's seed (recipe seed + stage index)
     total = steps * config["batch_size"]
@@ -146,6 +146,7 @@ def peer(args, report: dict, config: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=MODEL, help="bundled:qwen2.5-coder-0.5b-instruct for the Qwen rows")
     ap.add_argument("--minutes", type=float, default=7.0, help="our distillation budget")
     ap.add_argument("--tokens", type=int, default=None, help="token budget instead (scaling runs use it)")
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -198,9 +199,9 @@ def main() -> None:
 
 def peer_row(ours: dict, peer_result: dict) -> dict:
     if "error" in peer_result:
-        return {"model": MODEL, "method": "modelopt", "error": peer_result["error"]}
+        return {"model": ours["model"], "method": "modelopt", "error": peer_result["error"]}
     base, before = ours["stages"][0]["metrics"], ours["stages"][1]["metrics"]
-    return {"model": MODEL, "method": "modelopt", "tokens": peer_result["tokens"],
+    return {"model": ours["model"], "method": "modelopt", "tokens": peer_result["tokens"],
             "tokens_per_s": peer_result["tokens_per_s"], "train_seconds": peer_result["seconds"],
             "peak_gpu_gib": peer_result.get("peak_gpu_gib"), "ppl_before": before["perplexity"],
             "ppl_after": peer_result["perplexity"], "baseline_ppl": base["perplexity"], "kl_before": before["kl"],

@@ -262,7 +262,7 @@ def test_lora_on_a_quantized_student_ends_on_a_grid(tmp_path, mode):
 
 
 def test_sigkilled_lora_distillation_resumes_to_identical_bytes_from_adapter_checkpoints(tmp_path):
-    stages = PRUNE + distill(40960, lora=LORA)
+    stages = PRUNE + distill(20480, lora=LORA)
     run_recipe(recipe(tmp_path, stages), tmp_path / "full")
     killed = tmp_path / "killed"
     run_and_sigkill(recipe(tmp_path, stages, name="k.yaml"), killed, ".resume/2-distill-*/ckpt/state.json")

@@ -103,7 +103,7 @@ def row(report: dict, method: str, **extra) -> dict:
 def distill_config(args, **budget) -> dict:
     return {"budget": budget, "lr": args.lr, "batch_size": args.batch_size, "warmup_steps": 20,
             "eval_every": args.eval_every, "checkpoint_every": 500,
-            "stop_when_gate_met": args.stop_at_gate}  # fmt: skip
+            "stop_when_gate_met": args.stop_at_gate, "compile": args.compile}  # fmt: skip
 
 
 def lora_config(args, rank: int, **budget) -> dict:
@@ -119,7 +119,9 @@ def gptq_lora(args, rows: list) -> None:
     for mode in ("ste", "requantize"):
         config = lora_config(args, args.gptq_rank, tokens=args.gptq_tokens) | {"quantized": mode}
         report = run(args, config, f"gptq-lora-{mode}", first=gptq, gate={"kl": {"max": kl}})
-        rows.append(row(report, "lora", student="gptq w4 g64 asym", quantized=mode, gate_kl_max=kl))
+        rows.append(
+            row(report, "lora", student="gptq w4 g64 asym", quantized=mode, gate_kl_max=kl, compile=args.compile)
+        )
         save(args.rows, rows)
 
 
@@ -165,6 +167,7 @@ def main() -> None:
     ap.add_argument("--gptq-rank", type=int, default=16)
     ap.add_argument("--gptq-tokens", type=int, default=2_000_000)
     ap.add_argument("--skip-full", action="store_true", help="only the LoRA / GPTQ rows")
+    ap.add_argument("--compile", type=yaml.safe_load, default="auto", help="distill's compile: auto, true, false")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -180,7 +183,7 @@ def main() -> None:
     config, rows = distill_config(args, **budget), []
     if not args.skip_full:
         result["runs"]["ours"] = run(args, config, "ours")
-        rows.append(row(result["runs"]["ours"], "full", lr=args.lr))
+        rows.append(row(result["runs"]["ours"], "full", lr=args.lr, compile=args.compile))
         save(args.out, result)
     if not args.no_peer and not args.skip_full:
         result["runs"]["modelopt"] = peer(args, result["runs"]["ours"], config)
@@ -189,7 +192,7 @@ def main() -> None:
         save(args.rows, rows)
     for rank in [int(r) for r in args.lora_ranks.split(",") if r]:
         result["runs"][f"lora{rank}"] = run(args, lora_config(args, rank, **budget), f"lora{rank}")
-        rows.append(row(result["runs"][f"lora{rank}"], "lora", lr=args.lora_lr))
+        rows.append(row(result["runs"][f"lora{rank}"], "lora", lr=args.lora_lr, compile=args.compile))
         save(args.out, result)
         save(args.rows, rows)
     if args.gptq_lora:

@@ -31,7 +31,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, epil
 # Choices spelled here so that --help needs no torch import; tests/test_runner.py checks them against the library.
 EXPORT_FORMATS = ("onnx", "onnx-ort", "ort-genai", "gptq", "gptq_v2", "compressed-tensors")
 DTYPE_CHOICES = ("float16", "bfloat16", "float32")
-BUNDLE_TARGETS = ("orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nx-8gb", "orin-nano-8gb", "x86-gpu")
+BUNDLE_TARGETS = ("orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nx-8gb", "orin-nano-8gb", "x86-gpu", "triton")
 JETPACKS = ("6.2", "7.2")
 Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
 
@@ -360,15 +360,20 @@ def bench_(
 @app.command(epilog=EXIT_CODES)
 def bundle(
     stage: Annotated[Path, typer.Argument(help="a stage directory, e.g. out/run/latest")],
-    target: Annotated[BundleTarget, typer.Option(help="the deployment device")],
+    target: Annotated[BundleTarget, typer.Option(help="the deployment device, or triton (a model repository)")],
     out_dir: Annotated[Path, typer.Option("--out", help="the bundle directory")],
     jetpack: Annotated[JetPack | None, typer.Option(help="Jetson targets")] = None,
     max_context: Annotated[int, typer.Option(min=16)] = 2048,
-    max_batch: Annotated[int, typer.Option(min=1)] = 1,
+    max_batch: Annotated[
+        int | None, typer.Option(min=1, help="TensorRT profile's (default 1); triton's max_batch_size (default 8)")
+    ] = None,  # fmt: skip
+    instances: Annotated[int, typer.Option(min=1, help="triton: model instances")] = 1,
+    instance_kind: Annotated[str, typer.Option(help="triton: cpu or gpu instances")] = "cpu",
     tar: Annotated[bool, typer.Option("--tar", help="also write <out>.tar.gz")] = False,
     debug: Debug = False,
 ) -> None:
-    """A deploy bundle: the ONNX model, tokenizer, build_engine.sh, run.py, verify.sh and manifest."""
+    """A deploy bundle: the ONNX model, tokenizer, build_engine.sh, run.py, verify.sh and manifest; with --target
+    triton, a Triton Inference Server model repository (onnxruntime backend) and a greedy client."""
     from pydantic import ValidationError
 
     from dscompress.artifact import check_output
@@ -384,9 +389,12 @@ def bundle(
         check_output(out_dir, "bundle")  # before any work: never into a folder of someone else's files
         check_checkpoint_dir(stage)
         _quiet_libraries()
+        if target.value == "triton":
+            _triton_bundle(stage, out_dir, max_batch or 8, instances, instance_kind)
+            return
         try:
             spec = TargetSpec(device=target.value, jetpack=jetpack.value if jetpack else None, max_context=max_context,
-                              max_batch=max_batch,
+                              max_batch=max_batch or 1,
                               opt_context=min(512, max_context))  # fmt: skip
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -396,6 +404,20 @@ def bundle(
         data = DataSpec(eval=SplitSpec(samples=VERIFY_WINDOWS, seq_len=VERIFY_LEN))
         windows = Corpus(data, load_tokenizer(stage)).windows("eval")
         out.print(f"wrote {make_bundle(stage, spec, out_dir, windows, tar)}")
+
+
+def _triton_bundle(stage: Path, out_dir: Path, max_batch: int, instances: int, kind: str) -> None:
+    from dscompress.calibrate.data import Corpus
+    from dscompress.calibrate.spec import DataSpec, SplitSpec
+    from dscompress.errors import RecipeError
+    from dscompress.export.triton import KINDS, VERIFY_LEN, VERIFY_WINDOWS, make_triton_repository
+    from dscompress.models.load import load_tokenizer
+
+    if kind not in KINDS:
+        raise RecipeError(f"--instance-kind: {kind!r}; allowed: {', '.join(KINDS)}")
+    data = DataSpec(eval=SplitSpec(samples=VERIFY_WINDOWS, seq_len=VERIFY_LEN))
+    windows = Corpus(data, load_tokenizer(stage)).windows("eval")
+    out.print(f"wrote {make_triton_repository(stage, out_dir, windows, max_batch, instances, kind)}")
 
 
 @app.command(epilog=EXIT_CODES)

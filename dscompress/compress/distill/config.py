@@ -65,6 +65,12 @@ class DistillConfig(BaseModel):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU")
     devices: int | Literal["auto"] = Field(1, description="processes (GPUs); auto: every visible GPU")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile each decoder layer of the student and the teacher (compiled once, reused by "
+        "every layer of the same shape); auto: on GPUs, where it is measured faster, off on CPUs and for quantized "
+        "students trained through their grid (quantized: ste), whose parametrized layers would recompile one by one",
+    )
     quantized: Literal["ste", "requantize"] = Field(
         "ste",
         description="quantized students: ste keeps weights on their grid; requantize re-quantizes at the end (with "

@@ -152,7 +152,37 @@ def _topk_key(job: Job) -> str:
     return digest.hexdigest()[:16]
 
 
-def make_teacher(job: Job, device: torch.device, topk: Path | None):
+def compiling(job: Job, device: torch.device) -> bool:
+    """`compile: auto` is on for CUDA devices (measured in docs/BENCHMARKS.md; CPUs gain little for the compile
+    time and need a C++ toolchain), except for quantized students trained through their grid: torch's
+    parametrization gives every parametrized Linear a class of its own, so each layer would recompile (measured:
+    the recompile limit is hit after 8 layers and the rest runs eager, slower than no compile at all)."""
+    setting = job.config.compile
+    if setting != "auto":
+        return bool(setting)
+    return device.type == "cuda" and not (job.quant is not None and job.config.quantized == "ste")
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """Regional compilation: torch.compile on each decoder layer in place. Layers of one class and shape share a
+    single compiled graph (parameters are graph inputs), so the cost is one layer's compile, not the model's; the
+    embedding, final norm, head and loss stay eager. Returns the number of layers compiled."""
+    layers = adapter_for(model.config).layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def eager(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo compile_layers (nn.Module.compile has no public inverse): the trained student is evaluated, merged and
+    saved on the CPU, where the GPU graphs do not apply."""
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    return model
+
+
+def make_teacher(job: Job, device: torch.device, topk: Path | None, compiled: bool = False):
     """(rows, ids) -> teacher logits or top-k pair, and the teacher-side hidden capture (or None)."""
     if topk is not None:
         cached = load_file(str(topk))
@@ -162,6 +192,8 @@ def make_teacher(job: Job, device: torch.device, topk: Path | None):
     if job.config.hidden:
         wanted = sorted({job.shapes.layer_map[j] for j in job.config.hidden.layers})
         capture = Capture(adapter_for(teacher.config).layers(teacher), wanted)
+    if compiled:  # after the capture hooks, which are traced into the compiled layers
+        compile_layers(teacher)
 
     def forward(rows, ids):
         with torch.no_grad():
@@ -180,7 +212,8 @@ def build_loop(job: Job, student, acc, on_progress, evaluate) -> tuple[Loop, lor
         adapters = lora.attach(student, cfg.lora, job.seed, grid)
     elif job.quant is not None and cfg.quantized == "ste":
         ste.attach_grid(student, job.quant)
-    teacher, teacher_cap = make_teacher(job, acc.device, job.topk_file)
+    compiled = compiling(job, acc.device)
+    teacher, teacher_cap = make_teacher(job, acc.device, job.topk_file, compiled)
     projections, capture = torch.nn.ModuleDict(), None
     if cfg.hidden:
         student_cap = Capture(adapter_for(student.config).layers(student), cfg.hidden.layers)
@@ -192,6 +225,8 @@ def build_loop(job: Job, student, acc, on_progress, evaluate) -> tuple[Loop, lor
                 projections[str(j)] = torch.nn.Linear(s_width, t_width, bias=False)
                 torch.nn.init.normal_(projections[str(j)].weight, std=s_width**-0.5, generator=gen)
         capture = (student_cap, teacher_cap, job.shapes.layer_map, job.shapes.hidden_index)
+    if compiled:  # last: the compiled layers trace the adapters, grid parametrizations and capture hooks
+        compile_layers(student)
     loop = Loop(acc, student, teacher, job.train, cfg, job.seed, job.state_dir, evaluate, on_progress,
                 projections, capture, adapters_only=adapters is not None)  # fmt: skip
     return loop, adapters
@@ -234,7 +269,7 @@ def run(job: Job, model, ctx) -> Result:
         adapters = state.pop("adapters")
     else:
         loop, adapters = build_loop(job, model, SingleDevice(ctx.device, bf16), on_progress, job.evaluation)
-        loop.run()
+        eager(loop.run())
         state = loop.state.__dict__
         adapters = lora.finish(model, adapters, cfg.lora)
     ctx.progress.remove_task(task)
@@ -246,6 +281,7 @@ def run(job: Job, model, ctx) -> Result:
         adapters["merged"] = MERGED[cfg.quantized if job.quant else None]
     summary = {
         "teacher": cfg.teacher, "world_size": world, "precision": "bf16" if bf16 else "fp32",
+        "compiled": compiling(job, ctx.device),
         "steps": state["step"], "tokens": state["tokens"], "train_seconds": state["elapsed_s"],
         "tokens_per_s": state["tokens"] / max(state["elapsed_s"], 1e-9), "stopped_by": state["stopped_by"],
         "resumed_from_step": state["resumed_from"], "schedule_steps": state["total_steps"],

@@ -242,6 +242,13 @@ class Loop:
                 loss = loss + cfg.hidden.weight * hidden_loss(s_h, t_h, cfg.hidden.loss) / len(student_cap.out)
         return loss
 
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A copy from pageable host memory waits for the GPU to finish everything queued; from pinned memory it
+        is queued like a kernel, so the host keeps launching the step's work ahead of the GPU."""
+        if self.acc.device.type != "cuda":
+            return batch.to(self.acc.device)
+        return batch.pin_memory().to(self.acc.device, non_blocking=True)
+
     def _step(self, model, optimizer, params) -> torch.Tensor:
         """One optimizer step; the global mean loss as a device tensor (reading it waits for the step to finish,
         so the caller reads it only when it reports)."""
@@ -254,7 +261,7 @@ class Loop:
         for a in range(cfg.grad_accum):
             base = state.step * cfg.batch_size + a * micro
             rows = [self._sample(base + r) for r in range(acc.process_index, micro, acc.num_processes)]
-            ids = self.windows[rows].to(acc.device)
+            ids = self._to_device(self.windows[rows])
             sync = contextlib.nullcontext() if a == cfg.grad_accum - 1 else acc.no_sync(model)
             with sync, acc.autocast():
                 loss = self._loss(model, rows, ids) / cfg.grad_accum
@@ -294,11 +301,14 @@ class Loop:
         stop, started = False, time.perf_counter()
         if self.acc.is_main_process and self.evaluate is not None:
             model.eval()
-            with torch.no_grad():
+            # evaluation runs eager: compiled layers (distill's `compile`) are specialized to the training step, and
+            # the evaluation's other shapes and KV cache would recompile them per layer
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 metrics, met = self.evaluate(self.acc.unwrap_model(model))
             model.train()
+            train_s = self.state.elapsed_s - self.state.eval_s - self.state.checkpoint_s
             self.state.history.append({**metrics, "step": self.state.step, "tokens": self.state.tokens,
-                                       "loss": loss, "gate_met": met})  # fmt: skip
+                                       "loss": loss, "gate_met": met, "train_seconds": train_s})  # fmt: skip
             stop = met and self.cfg.stop_when_gate_met
         stop = self._agree(stop)
         self.state.eval_s += time.perf_counter() - started

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from dscompress.atomic import atomic_save_safetensors, atomic_write_json
 from dscompress.compress.distill import lora
 from dscompress.compress.distill.job import DistillJob
-from dscompress.compress.distill.loop import Job, build_loop
+from dscompress.compress.distill.loop import Job, build_loop, eager
 from dscompress.compress.distill.train import Shapes, weights
 from dscompress.context import EvalSpec
 from dscompress.models.load import load_model
@@ -48,7 +48,7 @@ def main(path: Path) -> None:
             atomic_write_json(wdir / "progress.json", info)
 
     loop, adapters = build_loop(job, student, acc, on_progress, evaluation)
-    trained = loop.run()
+    trained = eager(loop.run())
     if acc.is_main_process:
         summary = lora.finish(trained, adapters, config.lora)  # merged: the parent loads plain weights
         atomic_save_safetensors(weights(trained), wdir / "final.safetensors")

@@ -203,14 +203,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL: {args.engine} is missing; run ./build_engine.sh first", file=sys.stderr)
             return 2
         backend = TrtBackend(args.engine, meta)
-    gen = Generator(backend, meta)
+    return answer(Generator(backend, meta), manifest, args)
+
+
+def answer(gen: Generator, manifest: dict, args) -> int:
+    """`--verify`: PASS/FAIL against the manifest (exit 0 on pass); else the greedy tokens of --prompt-ids (or the
+    bundled prompt) as JSON. Shared by run.py and the Triton bundle's client.py."""
     if args.verify:
         ok, detail = verify(gen, manifest)
         print(("PASS: " if ok else "FAIL: ") + detail)
         return 0 if ok else 1
     prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else manifest["verify"]["prompt_ids"]
-    tokens, _, ms = gen.greedy(prompt, args.new_tokens)
-    print(json.dumps({"tokens": tokens, "decode_ms_per_token": ms}))
+    tokens, prefill_s, ms = gen.greedy(prompt, args.new_tokens)
+    print(json.dumps({"tokens": tokens, "prefill_s": prefill_s, "decode_ms_per_token": ms}))
     return 0
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 try:  # inside a bundle: run.py beside this file
-    from run import Generator, verify
+    from run import Generator, answer
 except ImportError:  # inside dscompress
-    from dscompress.export.bundle_runner import Generator, verify
+    from dscompress.export.bundle_runner import Generator, answer
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,21 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = manifest["export"]
     try:
         backend = TritonBackend(args.url, args.model or manifest["triton"]["model_name"], meta)
-        gen = Generator(backend, meta)
-        if args.verify:
-            ok, detail = verify(gen, manifest)
-            print(("PASS: " if ok else "FAIL: ") + detail)
-            return 0 if ok else 1
-        prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else manifest["verify"]["prompt_ids"]
-        tokens, prefill_s, ms = gen.greedy(prompt, args.new_tokens)
+        return answer(Generator(backend, meta), manifest, args)
     except ImportError:
         print("FAIL: the client needs tritonclient: pip install 'tritonclient[http]'", file=sys.stderr)
         return 2
     except Exception as exc:  # a server that is down or refuses the request: one line, not a traceback
         print(f"FAIL: {args.url}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"tokens": tokens, "prefill_s": prefill_s, "decode_ms_per_token": ms}))
-    return 0
 
 
 if __name__ == "__main__":

@@ -190,11 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=["tensorrt", "ort"], default="tensorrt")
     ap.add_argument("--engine", type=Path, default=HERE / "model.engine")
     ap.add_argument("--onnx", type=Path, default=HERE / "model.onnx")
-    ap.add_argument("--verify", action="store_true", help="parity check against manifest.json; exit 0 on pass")
-    ap.add_argument("--prompt-ids", default="", help="comma-separated token ids (default: the bundled prompt)")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    args = ap.parse_args(argv)
-    manifest = json.loads((HERE / "manifest.json").read_text())
+    args, manifest = parse_with_manifest(ap, argv)
     meta = manifest["export"]
     if args.backend == "ort":
         backend = OrtBackend(args.onnx, meta)
@@ -204,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         backend = TrtBackend(args.engine, meta)
     return answer(Generator(backend, meta), manifest, args)
+
+
+def parse_with_manifest(ap: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
+    """The options every bundle program shares (--verify, --prompt-ids, --new-tokens), parsed; and manifest.json."""
+    ap.add_argument("--verify", action="store_true", help="parity check against manifest.json; exit 0 on pass")
+    ap.add_argument("--prompt-ids", default="", help="comma-separated token ids (default: the bundled prompt)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    return ap.parse_args(argv), json.loads((HERE / "manifest.json").read_text())
 
 
 def answer(gen: Generator, manifest: dict, args) -> int:

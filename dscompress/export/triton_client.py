@@ -13,18 +13,14 @@ present.N.key/value back: the graph's own inputs and outputs, declared in config
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
 try:  # inside a bundle: run.py beside this file
-    from run import Generator, answer
+    from run import Generator, answer, parse_with_manifest
 except ImportError:  # inside dscompress
-    from dscompress.export.bundle_runner import Generator, answer
-
-HERE = Path(__file__).resolve().parent
+    from dscompress.export.bundle_runner import Generator, answer, parse_with_manifest
 
 
 class TritonBackend:
@@ -54,11 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="localhost:8000", help="Triton's HTTP endpoint, host:port")
     ap.add_argument("--model", default=None, help="model name (default: the bundle's)")
-    ap.add_argument("--verify", action="store_true", help="parity check against manifest.json; exit 0 on pass")
-    ap.add_argument("--prompt-ids", default="", help="comma-separated token ids (default: the bundled prompt)")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    args = ap.parse_args(argv)
-    manifest = json.loads((HERE / "manifest.json").read_text())
+    args, manifest = parse_with_manifest(ap, argv)
     meta = manifest["export"]
     try:
         backend = TritonBackend(args.url, args.model or manifest["triton"]["model_name"], meta)

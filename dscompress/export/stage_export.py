@@ -84,7 +84,8 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
             meta["inputs"] = rename_cache(proto, meta["layout"]["layers"])
             meta["past_name"] = PAST
         _save(proto, path, external)
-    problems = trt_rules.check(onnx.load(str(path), load_external_data=False)) if target == "onnx" else []
+    unloaded = onnx.load(str(path), load_external_data=False) if target == "onnx" else None
+    problems = trt_rules.check(unloaded, str(path.parent)) if unloaded is not None else []
     if problems:
         raise ExportError(f"the onnx target breaks TensorRT's rules ({len(problems)} problems): {problems[0]}")
     meta |= {

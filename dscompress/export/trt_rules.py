@@ -26,8 +26,9 @@ TRT_OPERATORS = frozenset({
 MAX_OPSET = 21
 
 
-def check(model: onnx.ModelProto) -> list[str]:
-    """Every rule the graph breaks, one line each (empty: TensorRT's parser takes it)."""
+def check(model: onnx.ModelProto, base_dir: str = "") -> list[str]:
+    """Every rule the graph breaks, one line each (empty: TensorRT's parser takes it). base_dir: where a model
+    loaded without its external data keeps it (scales are read from there)."""
     problems = []
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset > MAX_OPSET:
@@ -40,21 +41,21 @@ def check(model: onnx.ModelProto) -> list[str]:
         elif node.op_type not in TRT_OPERATORS:
             problems.append(f"{where}: not in TensorRT's supported operators")
         elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            problems.extend(f"{where}: {p}" for p in _qdq_problems(node, inits))
+            problems.extend(f"{where}: {p}" for p in _qdq_problems(node, inits, base_dir))
     return problems
 
 
-def _qdq_problems(node: onnx.NodeProto, inits: dict) -> list[str]:
+def _qdq_problems(node: onnx.NodeProto, inits: dict, base_dir: str) -> list[str]:
     problems = []
     scale = inits.get(node.input[1])
     if scale is None:
         return ["scale is not a constant initializer"]
-    s = numpy_helper.to_array(scale)
+    s = numpy_helper.to_array(scale, base_dir)
     if not np.all(s > 0):
         problems.append("scale has non-positive values")
     if len(node.input) > 2 and node.input[2]:
         zero = inits.get(node.input[2])
-        if zero is None or np.any(numpy_helper.to_array(zero) != 0):
+        if zero is None or np.any(numpy_helper.to_array(zero, base_dir) != 0):
             problems.append("zero point is not a constant 0")
     weight = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -170,3 +170,20 @@ def test_fp16_onnx_ort_export_runs_close_to_torch(tmp_path):
     assert len(lm.greedy(ids[0, :8], 6)[0]) == 6
     with pytest.raises(ExportError, match="fp16 and accuracy_level are options of the ONNX Runtime targets"):
         export_stage(stage, "onnx", tmp_path / "x", fp16=True)
+
+
+def test_an_external_data_onnx_export_passes_the_tensorrt_rule_check(tmp_path, monkeypatch):
+    """Models above protobuf's 2 GB (rotated Qwen2.5-0.5B: untied, 2.5 GB) keep their weights in model.onnx.data;
+    the TensorRT rule check reads the Q/DQ scales from there (it used to look in the working directory and stop the
+    export). Forced here on a tiny rotated W8A8 stage by lowering the threshold."""
+    import dscompress.export.onnx as onnx_export
+    import dscompress.export.stage_export as stage_export
+
+    stages = "  - int8: {rotate: true, calibration: kl, fallback: none}\n    gate: {kl: {max: 1.0}}"
+    run_recipe(tiny_recipe(tmp_path / "r.yaml", "tiny:qwen2", stages), tmp_path / "out")
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 0)
+    monkeypatch.setattr(stage_export, "EXTERNAL_DATA_ABOVE", 0)
+    monkeypatch.chdir(tmp_path)  # not the export's folder
+    meta = export_stage(tmp_path / "out" / "1-int8", "onnx", tmp_path / "onnx")
+    assert meta["external_data"] and meta["tensorrt_rules"] == "passed"
+    assert (tmp_path / "onnx" / "model.onnx.data").stat().st_size > 0

@@ -31,7 +31,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, epil
 # Choices spelled here so that --help needs no torch import; tests/test_runner.py checks them against the library.
 EXPORT_FORMATS = ("onnx", "onnx-ort", "ort-genai", "gptq", "gptq_v2", "compressed-tensors")
 DTYPE_CHOICES = ("float16", "bfloat16", "float32")
-BUNDLE_TARGETS = ("orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nx-8gb", "orin-nano-8gb", "x86-gpu", "triton")
+DEVICE_TARGETS = ("orin-agx-64gb", "orin-agx-32gb", "orin-nx-16gb", "orin-nx-8gb", "orin-nano-8gb", "x86-gpu")
+BUNDLE_TARGETS = (*DEVICE_TARGETS, "triton")  # triton: a model repository, not a device (no recipe `target:`)
 JETPACKS = ("6.2", "7.2")
 Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
 

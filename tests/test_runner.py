@@ -192,7 +192,8 @@ def test_cli_choices_match_the_library_and_help_lists_exit_codes():
     from dscompress.recipe import TargetSpec
 
     assert (*TARGETS, *FORMATS) == app_module.EXPORT_FORMATS and set(DTYPES) == set(app_module.DTYPE_CHOICES)
-    assert typing.get_args(TargetSpec.model_fields["device"].annotation) == app_module.BUNDLE_TARGETS
+    assert typing.get_args(TargetSpec.model_fields["device"].annotation) == app_module.DEVICE_TARGETS
+    assert (*app_module.DEVICE_TARGETS, "triton") == app_module.BUNDLE_TARGETS
     assert set(app_module.JETPACKS) == set(JETPACKS)
     for command in ("run", "export", "bundle", "eval", "generate"):
         result = cli(command, "--help")

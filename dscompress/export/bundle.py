@@ -49,7 +49,7 @@ def make_bundle(stage: Path, target, out: Path, windows: torch.Tensor, tar: bool
         (tmp / "verify.sh").write_text(VERIFY_SH)
         for script in ("build_engine.sh", "verify.sh"):
             (tmp / script).chmod(0o755)
-        expected = _expected(tmp, rows, meta)
+        expected = expected_values(tmp / "model.onnx", rows, meta)
         manifest = {
             "dscompress": __version__,
             "stage": str(stage),
@@ -80,16 +80,17 @@ def make_bundle(stage: Path, target, out: Path, windows: torch.Tensor, tar: bool
     return out
 
 
-def _expected(directory: Path, rows: np.ndarray, meta: dict) -> dict:
-    """Reference values from ONNX Runtime on this machine (the engine must reproduce them within tolerance)."""
-    gen = bundle_runner.Generator(bundle_runner.OrtBackend(directory / "model.onnx", meta), meta)
+def expected_values(model: Path, rows: np.ndarray, meta: dict, exact_qdq: bool = True) -> dict:
+    """Reference values from ONNX Runtime on this machine, which the deployed runtime must reproduce within the
+    manifest's tolerance: exact Q/DQ for TensorRT engines, the default session for ONNX Runtime servers (Triton)."""
+    gen = bundle_runner.Generator(bundle_runner.OrtBackend(model, meta, exact_qdq=exact_qdq), meta)
     prompt = rows[0, :16].tolist()
     tokens, _, _ = gen.greedy(prompt, VERIFY_TOKENS)
     return {
         "expected_perplexity": bundle_runner.perplexity(gen, rows),
         "prompt_ids": prompt,
         "expected_tokens": tokens,
-        "reference_backend": "onnxruntime (CPU)",
+        "reference_backend": "onnxruntime (CPU" + (")" if exact_qdq else ", default session)"),
     }
 
 

@@ -33,6 +33,7 @@ import torch
 from dscompress.artifact import owned_dir
 from dscompress.errors import RecipeError
 from dscompress.export import bundle_runner
+from dscompress.export.bundle import VERIFY_TOKENS, expected_values
 from dscompress.export.stage_export import export_stage
 from dscompress.export.tensorrt import _sha256
 from dscompress.version import __version__
@@ -45,7 +46,7 @@ ONNX_TO_TRITON = {
     onnx.TensorProto.BFLOAT16: "TYPE_BF16",
 }
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
-VERIFY_WINDOWS, VERIFY_LEN, VERIFY_TOKENS = 2, 64, 16
+VERIFY_WINDOWS, VERIFY_LEN = 2, 64
 
 
 def model_name(stage: Path) -> str:
@@ -126,21 +127,11 @@ def make_triton_repository(stage: Path, out: Path, windows: torch.Tensor, max_ba
             },  # fmt: skip
             "verify": {
                 "windows_file": "verify_windows.npy",
-                **_expected(version / "model.onnx", meta, rows),
+                **expected_values(version / "model.onnx", rows, meta, exact_qdq=False),
                 "max_perplexity_diff_pct": 0.1,
-                "min_matching_tokens": VERIFY_TOKENS,
+                "min_matching_tokens": VERIFY_TOKENS,  # the same graph in the same runtime: every token
             },  # fmt: skip
             "files": {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
-
-
-def _expected(model: Path, meta: dict, rows: np.ndarray) -> dict:
-    """What the server must reproduce: a default ONNX Runtime session (Triton's onnxruntime backend) on the same
-    graph, so the tolerance is float noise, not quantization error."""
-    gen = bundle_runner.Generator(bundle_runner.OrtBackend(model, meta, exact_qdq=False), meta)
-    prompt = rows[0, :16].tolist()
-    tokens, _, _ = gen.greedy(prompt, VERIFY_TOKENS)
-    return {"expected_perplexity": bundle_runner.perplexity(gen, rows), "prompt_ids": prompt,
-            "expected_tokens": tokens, "reference_backend": "onnxruntime (CPU, default session)"}  # fmt: skip

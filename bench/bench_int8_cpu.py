@@ -44,23 +44,26 @@ model: {{path: {model}}}
 data: {{eval: {{samples: {eval_windows}, seq_len: 512}}, calibration: {{samples: 32, seq_len: 512}}}}
 stages:
   - name: {name}
-    int8: {{activations: dynamic, rotate: {rotate}, smoothquant_alpha: {alpha}, fallback: none, exclude: {exclude}}}
+    int8: {{activations: dynamic, rotate: {rotate}, online_hadamard: {online}, smoothquant_alpha: {alpha},
+            fallback: none, exclude: {exclude}}}
     onnx: {{targets: [onnx-ort]}}
 output_dir: out
 """
-VARIANTS = {  # name: (SmoothQuant alpha, exclude, rotate)
-    "dyn-sq05-lmhead": ("0.5", "[embed_tokens]", "false"),
-    "dyn-sq05": ("0.5", "['(^|\\.)lm_head$', embed_tokens]", "false"),
-    "dyn-nosq-lmhead": ("null", "[embed_tokens]", "false"),
-    "dyn-rot-lmhead": ("null", "[embed_tokens]", "true"),
-    "dyn-rot": ("null", "['(^|\\.)lm_head$', embed_tokens]", "true"),
+VARIANTS = {  # name: (SmoothQuant alpha, exclude, rotate, online Hadamard on down_proj's input)
+    "dyn-sq05-lmhead": ("0.5", "[embed_tokens]", "false", "true"),
+    "dyn-sq05": ("0.5", "['(^|\\.)lm_head$', embed_tokens]", "false", "true"),
+    "dyn-nosq-lmhead": ("null", "[embed_tokens]", "false", "true"),
+    "dyn-rot-lmhead": ("null", "[embed_tokens]", "true", "true"),
+    "dyn-rot": ("null", "['(^|\\.)lm_head$', embed_tokens]", "true", "true"),
+    "dyn-rot-offline-lmhead": ("null", "[embed_tokens]", "true", "false"),
 }
 
 
 def run_variant(work: Path, model: str, name: str, eval_windows: int) -> tuple[Path, dict, Runner]:
     """One int8 stage from the baseline; returns (its onnx-ort folder, its report, the runner)."""
-    alpha, exclude, rotate = VARIANTS[name]
-    text = RECIPE.format(model=model, name=name, alpha=alpha, exclude=exclude, rotate=rotate, eval_windows=eval_windows)
+    alpha, exclude, rotate, online = VARIANTS[name]
+    text = RECIPE.format(model=model, name=name, alpha=alpha, exclude=exclude, rotate=rotate, online=online,
+                         eval_windows=eval_windows)  # fmt: skip
     (work / f"{name}.yaml").write_text(text)
     recipe, located = load_recipe(work / f"{name}.yaml")
     runner = Runner(recipe, work / f"{name}.yaml", work / name, located=located)

@@ -1,4 +1,5 @@
-"""Structured pruning of the real SmolLM2 at matched parameter counts (10%, 25%, 40% fewer), before any retraining:
+"""Structured pruning of a real model (SmolLM2 by default, `--model bundled:qwen2.5-coder-0.5b-instruct`) at
+matched parameter counts (10%, 25%, 40% fewer), before any retraining:
 each of our importance modes and dimensions, against torch-pruning 1.6 (its LLM pruning, in its own venv).
 
 For each target, our sizes are solved so the pruned model has the target parameter count (parameter counts come
@@ -108,11 +109,13 @@ def main() -> None:
     ap.add_argument("--peer-timeout", type=float, default=1800, help="seconds before a peer run is stopped")
     ap.add_argument("--variants", default="", help="only these of our variants (labels, comma-separated)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="bundled:smollm2-135m-instruct", help="anything `resolve` takes")
     ap.add_argument("--work", type=Path, default=HERE / ".work" / "prune")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "prune_cpu.json")
     args = ap.parse_args()
+    args.work = args.work.resolve()  # the peer worker runs with the work folder as its cwd
     args.work.mkdir(parents=True, exist_ok=True)
-    source = resolve("bundled:smollm2-135m-instruct").directory
+    source = resolve(args.model).directory
     spec = DataSpec(calibration=SplitSpec(samples=args.calibration_samples, seq_len=512))
     corpus = Corpus(spec, load_tokenizer(source))
     cpu, console = torch.device(args.device), Console(stderr=True)
@@ -132,28 +135,33 @@ def main() -> None:
                     rows.append({"target": target, "variant": label, "error": "cannot reach this size"})
                     continue
                 started = time.perf_counter()
-                with make_progress(console) as progress:
-                    ctx = StageContext(adapter, cpu, 0, console, progress, lambda: corpus.windows("calibration"))
-                    result = prune_apply(load_model(source), cfg, ctx)
+                try:
+                    with make_progress(console) as progress:
+                        ctx = StageContext(adapter, cpu, 0, console, progress, lambda: corpus.windows("calibration"))
+                        result = prune_apply(load_model(source), cfg, ctx)
+                except ValueError as exc:  # a mix this architecture refuses (the message says why)
+                    rows.append({"target": target, "variant": label, "error": str(exc)})
+                    continue
                 seconds = time.perf_counter() - started
                 metrics = evaluate(result.model.to(cpu), corpus.windows("eval"), ref, 4, cpu)
                 rows.append({"target": target, "variant": label, "params": result.summary["params_after"],
                              "seconds": seconds, "config": cfg.model_dump(exclude_none=True), **metrics})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
-                save(args.out, base, total, rows)  # partial results survive an interrupted run
+                save(args, base, total, rows)  # partial results survive an interrupted run
     windows = args.work / "windows.safetensors"
     save_file({"calibration": corpus.windows("calibration"), "eval": corpus.windows("eval")}, str(windows))
     if not args.no_peer:
         peer_rows(args, source, windows, targets, rows)
-    save(args.out, base, total, rows)
+    save(args, base, total, rows)
 
 
-def save(out: Path, base: dict, total: int, rows: list) -> None:
+def save(args, base: dict, total: int, rows: list) -> None:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cores ({gpu})",
+    report = {"date": time.strftime("%Y-%m-%d"), "model": args.model,
+              "machine": f"{platform.node()} {os.cpu_count()} cores ({gpu})",
               "command": " ".join(sys.argv), "baseline": base, "params": total, "rows": rows}  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

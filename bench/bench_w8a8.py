@@ -1,4 +1,5 @@
-"""Static W8A8 on the real SmolLM2, side by side on the same calibration and evaluation windows:
+"""Static W8A8 on a real model (SmolLM2 by default, `--model`), side by side on the same calibration and
+evaluation windows:
 
 - dscompress int8: KL with and without SmoothQuant, fallback on and off; and its calibration alone (observers,
   smoothing, threshold search), timed and memory-measured in a fresh process;
@@ -10,6 +11,8 @@ Every row is scored the same way: perplexity, KL to fp32 and top-1 agreement on 
 
     .venv/bin/python bench/bench_w8a8.py                 # CPU, about 25 minutes on 2 cores
     .venv/bin/python bench/bench_w8a8.py --device cuda --only ours   # the GPU figure
+    .venv/bin/python bench/bench_w8a8.py --model bundled:qwen2.5-coder-0.5b-instruct --samples 32 --only peers \
+        --out bench/results/w8a8_cpu_qwen.json    # the peers on the bundled Qwen (ours: its shipped recipes)
 """
 
 from __future__ import annotations
@@ -83,15 +86,18 @@ def main() -> None:
     ap.add_argument("--model", default="bundled:smollm2-135m-instruct", help="anything `resolve` takes, e.g. a .gguf")
     ap.add_argument(
         "--only",
-        choices=["all", "ours", "calibration", "calibration+ort"],
+        choices=["all", "ours", "calibration", "calibration+ort", "peers"],
         default="all",
-        help="calibration+ort: our calibration alone and ORT's entropy calibration, on this host",
+        help="calibration+ort: our calibration alone and ORT's entropy calibration, on this host; peers: our "
+        "calibration alone and every peer (our pass rows come from the shipped recipes on the same windows)",
     )
+    ap.add_argument("--peer-timeout", type=float, default=None, help="seconds before a peer's run is stopped")
     ap.add_argument("--rows", default="", help="';'-separated labels of our configurations (default: all)")
     ap.add_argument("--venv-root", type=Path, default=HERE / ".venvs")
     ap.add_argument("--work", type=Path, default=HERE / ".work" / "w8a8")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "w8a8_cpu.json")
     args = ap.parse_args()
+    args.work = args.work.resolve()  # the workers run with the work folder as their cwd
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = resolve(args.model).directory
     spec = DataSpec(
@@ -112,9 +118,11 @@ def main() -> None:
 
     def record(tool: str, label: str, python: Path, worker: str, **job) -> None:
         tag = f"{tool}-{label}".replace(" ", "_").replace(",", "").replace("+", "-")
-        result = run_worker(python, worker, {"tag": tag, "output": str(args.work / tag), **common, **job}, args.work)
+        spec = {"tag": tag, "output": str(args.work / tag), **common, **job}
+        result = run_worker(python, worker, spec, args.work, args.peer_timeout if tool != "dscompress" else None)
         print(tool, label, json.dumps(result), flush=True)
         rows.append({"tool": tool, "method": label, **result})
+        save(args, base, rows)  # rows so far survive an interrupted run
 
     me = Path(sys.executable)
     record(
@@ -126,31 +134,27 @@ def main() -> None:
         config=OURS["kl+sq, fallback auto"],
     )
     chosen = [r.strip() for r in args.rows.split(";") if r.strip()] or list(OURS)
-    for label in chosen if not args.only.startswith("calibration") else ():
+    for label in chosen if args.only in ("all", "ours") else ():
         config = OURS[label]
         record("dscompress", label, me, "ours_w8a8_worker.py", mode="pass", config=config)
-    if args.only in ("all", "calibration+ort"):
+    if args.only in ("all", "peers"):
+        modelopt = ensure_venv(args.venv_root, "modelopt", PEER_VENVS["modelopt"])
+        record("modelopt", "INT8_SMOOTHQUANT_CFG", modelopt, "modelopt_w8a8_worker.py")
+        llmc = ensure_venv(args.venv_root, "llmcompressor")
+        record("llmcompressor", "SQ 0.5 + W8A8 dynamic", llmc, "llmcompressor_w8a8_worker.py")
+    if args.only in ("all", "calibration+ort", "peers"):  # last: ORT's entropy calibration is the slowest row
         onnx_path = args.work / "fp32.onnx"
         export_fp32_onnx(model_dir, onnx_path)
-        for method in ("entropy", "minmax") if args.only == "all" else ("entropy",):
+        for method in ("minmax", "entropy") if args.only != "calibration+ort" else ("entropy",):
             record(
                 "onnxruntime", f"{method} QDQ", me, "ort_w8a8_worker.py", onnx=str(onnx_path), method=method, chunk=4
             )
-    if args.only == "all":
-        record(
-            "modelopt",
-            "INT8_SMOOTHQUANT_CFG",
-            ensure_venv(args.venv_root, "modelopt", PEER_VENVS["modelopt"]),
-            "modelopt_w8a8_worker.py",
-        )
-        record(
-            "llmcompressor",
-            "SQ 0.5 + W8A8 dynamic",
-            ensure_venv(args.venv_root, "llmcompressor"),
-            "llmcompressor_w8a8_worker.py",
-        )
+
+
+def save(args, base: dict, rows: list) -> None:
     report = {
         "date": time.strftime("%Y-%m-%d"),
+        "model": args.model,
         "machine": f"{platform.node()} {os.cpu_count()} cores",
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
         "command": " ".join(sys.argv),

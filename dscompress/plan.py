@@ -136,7 +136,7 @@ def make_plan(recipe: Recipe, info: ModelInfo) -> dict:
         row = {"dir": f"{i}-{stage.label}", "pass": spec.key, "params": info.n_params}
         if spec.reshapes:
             row["removed_pct"] = 100.0 * (1 - info.n_params / before)
-            row["advice"] = advice(1 - info.n_params / before)
+            row["advice"] = advice(1 - info.n_params / before, info.config.model_type)
         if spec.quantizes:
             chosen = selected(info.targets, cfg.exclude)
             q_params = sum(t.param.numel() for t in chosen)

@@ -1,5 +1,5 @@
-"""Shared fixtures. The model cache lives in one temporary directory per test session, so tests never touch
-~/.cache and the bundled model is converted at most once per session."""
+"""Shared fixtures. The model cache lives in one temporary directory per test session (per worker under
+pytest-xdist), so tests never touch ~/.cache and the bundled model is converted at most once per session."""
 
 from __future__ import annotations
 
@@ -14,6 +14,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `make test`'s workers split the cores instead of each taking all
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))  # torch, here and in every CLI subprocess
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`), the files with the most real-model (`slow`) tests go first: a worker per
+    file, so the longest files start at once instead of ending the run on one worker while the other idles. The
+    sort is stable: each file's tests stay together and in order, and every worker computes the same order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    weight: dict = {}
+    for item in items:
+        weight[item.path] = weight.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -weight[item.path])
 
 
 @pytest.fixture(scope="session", autouse=True)

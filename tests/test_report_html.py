@@ -95,7 +95,7 @@ def test_prune_and_distill_charts_match_report_json(tmp_path):
 
 
 def test_int8_sensitivity_and_fallback_chart_matches_report_json(tmp_path):
-    stages = "  - int8: {calibration: minmax, fallback: auto}\n    gate: {kl: {max: 0.002}, on_fail: skip}"
+    stages = "  - int8: {calibration: minmax, fallback: auto}\n    gate: {kl: {max: 0.00001}, on_fail: skip}"
     out = tmp_path / "out"
     dscompress.run(tiny_recipe(tmp_path / "r.yaml", stages=stages), out)
     report = json.loads((out / "report.json").read_text())

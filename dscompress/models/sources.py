@@ -8,6 +8,7 @@ never loaded, and remote code runs only when the recipe sets `trust_remote_code:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -155,17 +156,36 @@ def intact(entry: Path, on_step=None) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def entry_lock(target: Path, on_step=None):
+    """Hold the cache entry's lock file: two processes asking for the same model (a CI matrix sharing one cache,
+    a second terminal) build it once, the second waiting, instead of both writing the same temporary files."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_step:
+                on_step(f"{target.name}: another process is preparing it; waiting")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _cached(target: Path, build, on_step=None) -> Path:
     """A cache entry built once by `build(target)`, sealed, and rebuilt if its files were changed since (a
     stage folder's hard link written through, a stray edit): the cache never hands out modified weights."""
-    if target.exists() and not intact(target, on_step):
-        (on_step or (lambda m: None))(f"{target.name}: the cached files were modified; rebuilding them")
-        doomed = target.with_name(f"{TMP_PREFIX}stale-{target.name}.{os.getpid()}")
-        os.replace(target, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-    if not target.exists():
-        build(target)
-        seal(target)
+    with entry_lock(target, on_step):
+        if target.exists() and not intact(target, on_step):
+            (on_step or (lambda m: None))(f"{target.name}: the cached files were modified; rebuilding them")
+            doomed = target.with_name(f"{TMP_PREFIX}stale-{target.name}.{os.getpid()}")
+            os.replace(target, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        if not target.exists():
+            build(target)
+            seal(target)
     return target
 
 

@@ -86,3 +86,25 @@ def test_tiny_models_load_and_match_their_adapter(arch):
     expected = {"o_proj"} | ({"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}
                              if arch == "deepseek_v3" else {"q_proj", "k_proj", "v_proj"})  # fmt: skip
     assert expected <= names
+
+
+def test_a_second_process_waits_for_the_cache_entry_another_is_building(tmp_path, monkeypatch):
+    """Two processes asking for one model build it once: the second waits on the entry's lock (here held by the
+    test) and builds only once the first lets go, instead of both writing the same temporary files."""
+    import os
+    import subprocess
+    import sys
+
+    from dscompress.models.sources import SEAL, cache_root, entry_lock
+
+    monkeypatch.setenv("DSCOMPRESS_CACHE", str(tmp_path))
+    target = cache_root() / "models" / "tiny-llama"
+    code = "from dscompress.models.sources import resolve; print(resolve('tiny:llama', on_step=print).directory)"
+    command = [sys.executable, "-u", "-c", code]
+    with entry_lock(target):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        said = proc.stdout.readline()  # printed once the child finds the lock held, before it blocks
+        assert said.strip() == "tiny-llama: another process is preparing it; waiting"
+        assert proc.poll() is None and not target.exists()  # nothing is built while the lock is held
+    out, _ = proc.communicate(timeout=120)  # released: the child builds it now
+    assert proc.returncode == 0 and out.strip().splitlines()[-1] == str(target) and (target / SEAL).exists()

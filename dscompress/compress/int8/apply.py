@@ -9,7 +9,8 @@
    the site's threshold (kl | minmax | percentile) / 127; `dynamic`: per token, the scale computed at run time
    (quant/actquant.py), so calibration only feeds SmoothQuant, and lm_head, when selected, reads int8 too (it is
    the largest Linear of a small model's decode step).
-3. Fallback (`auto`): each site's sensitivity is the KL to the float model when only its activations are
+3. Fallback (`auto`): if the model with every site quantized already passes the estimate, nothing is ranked.
+   Otherwise each site's sensitivity is the KL to the float model when only its activations are
    quantized, measured on `sensitivity_windows` calibration windows (each run starts from the cached input of
    the site's layer). Then the fewest most-sensitive sites are kept in W8A16 for the stage gate to hold, with
    `fallback_margin` of the gate's slack, on `fallback_windows` calibration windows, found by bisection. The
@@ -46,6 +47,8 @@ KEEP_BYTES = 1 << 30
 
 def check(config: Int8Config, info) -> list[tuple[str, str]]:
     problem = refusal(info.config.model_type) if config.rotate else None
+    if not config.rotate and not config.online_hadamard:
+        return [("online_hadamard", "false applies to a rotated model only; set rotate: true or drop the field")]
     return [("rotate", problem)] if problem else []
 
 
@@ -235,17 +238,22 @@ def sensitivities(probe: _Probe, aq, sites: list[Site], config: Int8Config, trac
     return result
 
 
-def choose_fallback(probe: _Probe, aq, order: list[Site], config: Int8Config, gate) -> tuple[int, dict]:
-    """The fewest leading sites of `order` (most sensitive first) kept float so that the estimate passes."""
-    readers = {s.name: site_readers(s, config) for s in order}
+def _estimate(probe: _Probe, aq, quantized: list[Site], config: Int8Config) -> dict:
+    """The whole model's metrics on the probe's windows with exactly these sites' activations quantized."""
+    aq.disable()
+    for site in quantized:
+        aq.enable(site_readers(site, config))
+    return probe.metrics()
+
+
+def choose_fallback(probe: _Probe, aq, order: list[Site], config: Int8Config, gate, everything=None):
+    """(count, estimate): the fewest leading sites of `order` (most sensitive first) kept float so that the estimate
+    passes. `everything`: the estimate with every site quantized, where already measured."""
 
     def estimate(k: int) -> dict:
-        aq.disable()
-        for site in order[k:]:
-            aq.enable(readers[site.name])
-        return probe.metrics()
+        return _estimate(probe, aq, order[k:], config)
 
-    tried = {0: estimate(0)}
+    tried = {0: everything or estimate(0)}
     if within_margin(tried[0], gate, config.fallback_margin):
         return 0, tried[0]
     tried[len(order)] = estimate(len(order))
@@ -303,11 +311,17 @@ def apply(model: torch.nn.Module, config: Int8Config, ctx: StageContext) -> Pass
         sens, fallback = {}, []
         if ranking is not None:
             t1 = time.perf_counter()
-            sens = sensitivities(ranking, aq, sites, config, ctx.track)
+            everything = _estimate(decide, aq, sites, config)
+            if within_margin(everything, ctx.gate, config.fallback_margin):  # no site needs ranking
+                stats["estimate_on_calibration"], stats["ranking"] = everything, "skipped: every site passes"
+            else:
+                sens = sensitivities(ranking, aq, sites, config, ctx.track)
+                order = sorted(sites, key=lambda s: (-sens[s.name], s.name))
+                count, stats["estimate_on_calibration"] = choose_fallback(
+                    decide, aq, order, config, ctx.gate, everything
+                )
+                fallback = [s.name for s in order[:count]]
             del ranking
-            order = sorted(sites, key=lambda s: (-sens[s.name], s.name))
-            count, stats["estimate_on_calibration"] = choose_fallback(decide, aq, order, config, ctx.gate)
-            fallback = [s.name for s in order[:count]]
             stats["sensitivity_s"] = time.perf_counter() - t1
         aq.disable()
         if online is not None:  # weights back in the original basis; the quantizer rotates around itself
@@ -330,7 +344,8 @@ def apply(model: torch.nn.Module, config: Int8Config, ctx: StageContext) -> Pass
 
 
 def _rotate(model, adapter, config: Int8Config, ctx: StageContext, stats: dict) -> OnlineRotation | None:
-    """The offline rotation, and down_proj's inputs in the rotated basis until the pass ends (rotation.py)."""
+    """The offline rotation, and (online_hadamard) down_proj's inputs in the rotated basis until the pass ends
+    (rotation.py)."""
     if not config.rotate:
         return None
     dtype = next(model.parameters()).dtype
@@ -339,8 +354,8 @@ def _rotate(model, adapter, config: Int8Config, ctx: StageContext, stats: dict) 
             f"int8.rotate: the model runs in {dtype}; rotating weights there loses the int8 grid to rounding "
             "(down_proj is stored rotated back). Fix: model.dtype: float32 for this stage, or rotate: false"
         )
-    stats["rotation"] = rotate_model(model, adapter, ctx.seed)
-    return OnlineRotation(model, adapter)
+    stats["rotation"] = rotate_model(model, adapter, ctx.seed) | {"online_hadamard": config.online_hadamard}
+    return OnlineRotation(model, adapter) if config.online_hadamard else None
 
 
 def _activation_quant(model, sites: list[Site], thresholds: dict, config: Int8Config):

@@ -23,6 +23,12 @@ class Int8Config(WithExclude):
         "folded into the weights, a block Hadamard around down_proj's input quantizer; the float model's output is "
         "unchanged, its activation outliers are spread (docs/DESIGN.md)",
     )
+    online_hadamard: bool = Field(
+        True,
+        description="with rotate: the block Hadamard around down_proj's input quantizer (two small MatMuls per "
+        "layer at run time); false keeps only the offline rotation, free at run time, and quantizes down_proj's "
+        "input as it is",
+    )
     calibration: Literal["kl", "minmax", "percentile"] = Field(
         "kl", description="activation range observer (static activations only)"
     )

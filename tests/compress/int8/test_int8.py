@@ -191,6 +191,19 @@ def test_fallback_keeps_the_most_sensitive_sites(tmp_path):
     assert summary["estimate_on_calibration"]["kl"] <= 0.8 * 0.00001
 
 
+def test_fallback_ranks_nothing_when_every_site_already_passes(tmp_path):
+    """The ranking (one run per site) only chooses what to keep float: with every site passing the estimate it is
+    skipped, and every activation is int8 with no sensitivity recorded."""
+    stages = "  - int8: {calibration: minmax, fallback: auto}\n    gate: {kl: {max: 5}}"
+    report = run_recipe(tiny_recipe(tmp_path / "r.yaml", "tiny:qwen2", stages), tmp_path / "out")
+    summary = report["stages"][1]["summary"]
+    assert summary["ranking"] == "skipped: every site passes" and summary["fallback_sites"] == []
+    assert summary["estimate_on_calibration"]["kl"] <= 0.8 * 5 and not summary["sensitivity_kl"]
+    acts = QuantState.load(tmp_path / "out" / "1-int8").activations
+    assert acts and all(a["precision"] == "int8" and a["sensitivity_kl"] is None for a in acts.values())
+    assert summary["w8a8_decoder_flops_share"] == 1.0
+
+
 @pytest.mark.parametrize(
     ("stage", "expect"),
     [

@@ -76,6 +76,31 @@ def test_rotated_int8_stage_keeps_its_grid_and_exports(tmp_path, mode):
     )
 
 
+def test_rotation_without_the_online_hadamard_exports_no_run_time_rotation(tmp_path):
+    """online_hadamard: false keeps the free offline rotation only: the float model is unchanged, down_proj is
+    stored and quantized as it is (no `rotation` on any target) and the CPU graph carries no extra MatMuls."""
+    stages = (
+        "  - int8: {rotate: true, online_hadamard: false, activations: dynamic, fallback: none}\n"
+        "    gate: {kl: {max: 0.5}}\n    onnx: {targets: [onnx-ort], parity: {max_kl_diff: 0.0005}}"
+    )
+    report = run_recipe(tiny_recipe(tmp_path / "r.yaml", "tiny:llama", stages), tmp_path / "out")
+    assert report["result"] == "passed", report
+    stage = tmp_path / "out" / "1-int8"
+    quant = QuantState.load(stage)
+    assert not any(meta.get("rotation") for meta in quant.targets.values())
+    assert report["stages"][1]["summary"]["rotation"]["online_hadamard"] is False
+    assert report["stages"][1]["onnx"]["onnx-ort"]["quantization"].get("online_rotations", 0) == 0
+    model = load_model(stage)
+    for name in quant.targets:  # the stored weights are the int8 grid itself
+        weight = model.get_submodule(name).weight.detach()
+        dequant = (quant.codes(name, weight).float() - 128) * quant.tensors[f"{name}.scale"]
+        torch.testing.assert_close(dequant, weight, atol=1e-5, rtol=0)
+    bad = tiny_recipe(tmp_path / "b.yaml", "tiny:llama", "  - int8: {online_hadamard: false, fallback: none}")
+    result = cli("validate", str(bad))
+    assert result.returncode == EXIT_BAD_INPUT and "online_hadamard" in result.stderr
+    assert "rotate: true" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_rotation_refuses_moe_and_mla_before_work(tmp_path):
     for arch in ("qwen3_moe", "deepseek_v3"):
         stages = "  - int8: {rotate: true, fallback: none}"

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from dscompress import run as run_recipe
+from dscompress.compress.prune.advice import advice
 from dscompress.errors import EXIT_BAD_INPUT
 from dscompress.models.info import inspect_model
 from dscompress.models.load import load_model
@@ -135,3 +136,10 @@ def test_hidden_pruning_refuses_tied_weights_that_disagree(tmp_path):
     assert "stages[0].prune.hidden" in lines[0] and not (tmp_path / "out" / "1-prune").exists()
     ok = tiny_recipe(tmp_path / "ok.yaml", str(source), "  - prune: {mlp: {ratio: 0.25}}")
     assert cli_here("validate", str(ok)).returncode == 0  # other dimensions are fine
+
+
+def test_plan_advice_comes_from_the_measured_family():
+    """Qwen and SmolLM2 disagree at 40% (MLP alone 46.8 vs depth 1/3 + MLP on SmolLM2): each family gets its own."""
+    assert advice(0.41, "qwen2").startswith("Qwen2.5-Coder-0.5B (Qwen2) at 40%") and "46.80" in advice(0.4, "qwen3")
+    assert advice(0.38, "llama").startswith("SmolLM2-135M (Llama) at 40%") and "depth: {ratio: 0.18}" in advice(0.4)
+    assert "at 10%" in advice(0.02, "deepseek_v3")  # an unmeasured family gets the nearest measured share, labelled

@@ -160,8 +160,13 @@ def intact(entry: Path, on_step=None) -> bool:
 def entry_lock(target: Path, on_step=None):
     """Hold the cache entry's lock file: two processes asking for the same model (a CI matrix sharing one cache,
     a second terminal) build it once, the second waiting, instead of both writing the same temporary files."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(f".{target.name}.lock"), "a") as fh:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(target.with_name(f".{target.name}.lock"), "a")  # noqa: SIM115 (entered just below)
+    except OSError:  # a read-only shared cache: nothing can be built there, so there is nothing to serialise
+        yield
+        return
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

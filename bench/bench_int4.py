@@ -1,8 +1,8 @@
-"""4-bit on text it was not calibrated on (issue #19), CPU: dscompress' RTN, GPTQ and GPTQ with `clip_search`
-against NNCF's INT4 (AWQ + scale estimation) and llm-compressor's GPTQ, all on the same pydoc calibration windows,
-each scored on two held-out splits: pydoc's evaluation split, and the standard library's docstrings
-(`builtin:stdlib-docstrings`, a second source no calibration touches). Perplexity, KL to the fp32 model and top-1
-agreement per split.
+"""4-bit on text it was not calibrated on (issue #19), CPU: dscompress' RTN, GPTQ and GPTQ with `clip_search` (each
+also after the offline rotation: `-rot`) against NNCF's INT4 (AWQ + scale estimation) and llm-compressor's GPTQ, all
+on the same pydoc calibration windows, each scored on two held-out splits: pydoc's evaluation split, and the
+standard library's docstrings (`builtin:stdlib-docstrings`, a second source no calibration touches). Perplexity, KL
+to the fp32 model and top-1 agreement per split.
 
 Each peer runs in its own venv (bench/overlay_venv.py: the peer from PyPI over this interpreter's torch, and over
 its transformers unless the peer pins another). Rows go to --out as a JSON list (model, tool, method,
@@ -48,13 +48,15 @@ LLMC = ["llmcompressor==0.14.0.1", "transformers==5.17.0"]  # its pin: transform
 
 
 def ours(method: str, model_dir: Path, calibration: torch.Tensor, gs: int, sym: bool):
+    """`method`: rtn, gptq or gptq-clip, with `-rot` for the offline rotation first (rotate: true)."""
     model = load_model(model_dir)
+    base, rotate = method.removesuffix("-rot"), method.endswith("-rot")
     with StageContext.standalone(model, calibration, quiet=True) as ctx:
         started = time.perf_counter()
-        if method == "rtn":
-            out = rtn_apply(model, RTNConfig(bits=4, group_size=gs, symmetric=sym), ctx)
+        if base == "rtn":
+            out = rtn_apply(model, RTNConfig(bits=4, group_size=gs, symmetric=sym, rotate=rotate), ctx)
         else:
-            config = GPTQConfig(bits=4, group_size=gs, symmetric=sym, clip_search=method == "gptq-clip")
+            config = GPTQConfig(bits=4, group_size=gs, symmetric=sym, clip_search=base == "gptq-clip", rotate=rotate)
             out = gptq_apply(model, config, ctx)
     return out.model, time.perf_counter() - started
 
@@ -67,7 +69,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64, help="calibration windows")
     ap.add_argument("--eval-samples", type=int, default=16, help="evaluation windows per split")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--methods", default="rtn,gptq,gptq-clip")
+    ap.add_argument("--methods", default="rtn,gptq,gptq-clip", help="any of those, each also with -rot")
     ap.add_argument("--tools", default="dscompress,nncf,llmcompressor")
     ap.add_argument("--venv-root", type=Path, default=Path.home() / ".cache" / "dscompress" / "bench-venvs")
     ap.add_argument("--work", type=Path, default=HERE / ".work-int4")

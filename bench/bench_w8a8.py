@@ -47,6 +47,12 @@ OURS = {  # label -> Int8Config fields
     "minmax+sq, fallback none": {"calibration": "minmax", "smoothquant_alpha": 0.5, "fallback": "none"},
     "minmax+sq, fallback auto": {"calibration": "minmax", "smoothquant_alpha": 0.5, "fallback": "auto"},
     "kl+sq alpha 0.8, fallback auto": {"calibration": "kl", "smoothquant_alpha": 0.8, "fallback": "auto"},
+    "rotation + kl+sq, fallback auto": {
+        "rotate": True,
+        "calibration": "kl",
+        "smoothquant_alpha": 0.5,
+        "fallback": "auto",
+    },
 }
 
 

@@ -55,7 +55,11 @@ def _stream_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     found = []
     for i, stage in enumerate(recipe.stages):
         key = spec_for(stage.pass_config).key
-        if key != "gptq":
+        if key == "gptq" and stage.pass_config.rotate:
+            found.append((("stages", i, key, "rotate"), "the rotation rewrites the whole model before the solve, and "
+                          "model.stream: true keeps only one layer in memory. Fix: remove model.stream, or set "
+                          "rotate: false"))  # fmt: skip
+        elif key != "gptq":
             found.append((("stages", i, key), f"a {key} stage needs the whole model in memory, and model.stream: "
                           "true keeps only one layer there; gptq stages only. Fix: remove model.stream, or run "
                           "this stage in a second recipe on the gptq stage's output"))  # fmt: skip

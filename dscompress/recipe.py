@@ -237,11 +237,19 @@ def recipe_schema() -> dict:
     return {"$schema": SCHEMA_URL, **Recipe.model_json_schema()}
 
 
-def compatibility_notes(recipe: Recipe) -> list[str]:
+def compatibility_notes(recipe: Recipe, has_experts: bool = False) -> list[str]:
     """Things a recipe may ask for that work, but not everywhere a user may expect: one line each, printed by
-    `validate` and `run` and kept in report.json."""
+    `validate` and `run` and kept in report.json. `has_experts`: the model has MoE expert stacks."""
     notes = []
     for i, stage in enumerate(recipe.stages):
+        gptq = [f for f in stage.save_formats if f in ("gptq", "gptq_v2")]
+        if has_experts and gptq:
+            notes.append(
+                f"stages[{i}].save_formats: {gptq[0]} writes each expert as its own packed Linear, but stock "
+                "transformers 5.x (with gptqmodel 7.6) keeps MoE experts fused and loads such a checkpoint with the "
+                "experts left uninitialized (a load report, no error). For transformers use compressed-tensors "
+                "(symmetric: true), which loads with the experts"
+            )
         if "compressed-tensors" in stage.save_formats and getattr(stage.pass_config, "symmetric", True) is False:
             notes.append(
                 f"stages[{i}].save_formats: an asymmetric compressed-tensors checkpoint is read by compressed-tensors' "

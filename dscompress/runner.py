@@ -109,6 +109,7 @@ class Runner:
         self.console = console or Console(stderr=True)
         self.device = pick_device(recipe.device)
         self.records: list[StageRecord] = []
+        self.notes: list[str] = []  # compatibility notes, once the model's shapes are known (_prepare)
 
     # ---- the run ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -139,12 +140,14 @@ class Runner:
 
     def _prepare(self) -> Path:
         """Resolve the model, check the recipe against its shapes, and cut the data windows stages need."""
-        for note in compatibility_notes(self.recipe):
-            self.console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
         model = self.recipe.model
         with self.console.status(f"resolving {model.path} (a GGUF or packed checkpoint converts once)"):
             source = resolve(model.path, on_step=self._step, keep_fp8=model.stream).directory
-        check_against_model(self.recipe, self.located, inspect_model(source, model.trust_remote_code))
+        info = inspect_model(source, model.trust_remote_code)
+        check_against_model(self.recipe, self.located, info)
+        self.notes = compatibility_notes(self.recipe, any(t.kind == "experts" for t in info.targets))
+        for note in self.notes:
+            self.console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
         self.corpus = Corpus(self.recipe.data, load_tokenizer(source))
         needed = {"eval"}.union(*(spec_for(s.pass_config).needs for s in self.recipe.stages))
         for split in sorted(needed):
@@ -161,7 +164,7 @@ class Runner:
             "seed": self.recipe.seed, "data_source": spec.source, "eval_windows": spec.eval.samples,
             "eval_seq_len": spec.eval.seq_len, "result": "incomplete", "final_artifact": None,
             "versions": versions(), "stages": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "notes": compatibility_notes(self.recipe),
+            "notes": self.notes,
         }  # fmt: skip
 
     def _run_locked(self, source: Path, report: dict) -> None:

@@ -265,15 +265,17 @@ def test_smollm2_int4_g64_is_refused_for_an_orin(int4_g64_stage, tmp_path):
     assert refused.returncode == 2 and "INT4 group 64 does not run on orin-agx-64gb" in refused.stderr
 
 
-@pytest.mark.heavy  # about 5 minutes on 2 cores (a full SmolLM2 ONNX export); tiny models cover it in make test
 def test_ort_genai_on_smollm2_int4_generates_what_dscompress_generate_does(int4_g64_stage, tmp_path):
-    """The real model in INT4 g64 (MatMulNBits), exported as `ort-genai` and opened by ONNX Runtime GenAI itself:
-    its greedy text equals `dscompress generate` on the same export."""
+    """The real model in INT4 g64 (MatMulNBits), exported as `ort-genai` (ORT GenAI's own model builder's graph,
+    about half a minute) and opened by ONNX Runtime GenAI itself: its greedy text equals `dscompress generate` on
+    the same export."""
     from dscompress.export.benchmark import generate
     from dscompress.export.genai import genai_greedy
 
     exported = cli("export", str(int4_g64_stage), "--format", "ort-genai", "--out", str(tmp_path / "g"), timeout=900)
     assert exported.returncode == 0, exported.stderr
+    meta = json.loads((tmp_path / "g" / "export.json").read_text())
+    assert "model builder" in meta["graph"] and meta["quantization"]["group_query_attention"] == 30
     prompt = "The capital of France is Paris. The capital of Italy is"
     ours = generate(tmp_path / "g", prompt, 12)["tokens"]  # what `dscompress generate` prints, as token ids
     tokenizer = load_tokenizer(tmp_path / "g")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dscompress.errors import RecipeError
 from dscompress.quant.hadamard import block_factors, random_orthogonal_like_hadamard, rotate, sylvester
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -35,6 +36,23 @@ def refusal(model_type: str) -> str | None:
         f"rotation supports dense {', '.join(SUPPORTED)} decoders, not {model_type!r} (MoE routers and experts, "
         "and MLA's low-rank projections, are not rotated yet); set rotate: false"
     )
+
+
+def check_rotate(config, info) -> list[tuple[str, str]]:
+    """`validate`'s rule for the weight-only passes' `rotate` field: the architecture must be one rotation handles."""
+    problem = refusal(info.config.model_type) if config.rotate else None
+    return [("rotate", problem)] if problem else []
+
+
+def rotate_first(model: nn.Module, ctx, config, key: str) -> dict | None:
+    """The offline rotation before a weight-only pass (config.rotate), or None. Refuses, for Python callers that
+    skip `validate`, an architecture rotation does not handle."""
+    if not config.rotate:
+        return None
+    if problem := refusal(model.config.model_type):
+        raise RecipeError(f"{key}.rotate: {problem}")
+    info = rotate_model(model, ctx.adapter, ctx.seed)
+    return info | {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 
 def _fold_norm_and_rotate(norm: nn.Module, readers: list[nn.Linear], r: torch.Tensor) -> None:

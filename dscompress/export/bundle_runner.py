@@ -128,6 +128,12 @@ class Generator:
         self.dtype = np.float16 if meta.get("fp16") else np.float32
         template = meta.get("past_name", "past.%d.%s")  # ort-genai exports: past_key_values.%d.%s
         self.past_names = [template % (i, kv) for i in range(self.layers) for kv in ("key", "value")]
+        # the graph's inputs: ORT GenAI's builder graphs take no position_ids (GroupQueryAttention derives them)
+        self.inputs = set(meta.get("inputs") or ["input_ids", "attention_mask", "position_ids", *self.past_names])
+        # which cache each present.{i}.{kv} output feeds next step, in the graph's output order (the builder's
+        # graphs list every key before any value)
+        presents = (meta.get("outputs") or ["logits", *(n.replace("past", "present", 1) for n in self.past_names)])[1:]
+        self.feeds_back = [template % (int(n.split(".")[-2]), n.split(".")[-1]) for n in presents]
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         shapes = [(batch, self.key[0], 0, self.key[1]), (batch, self.value[0], 0, self.value[1])]
@@ -141,8 +147,9 @@ class Generator:
             "position_ids": np.broadcast_to(np.arange(start, start + seq, dtype=np.int64), (batch, seq)).copy(),
             **past,
         }
-        out = self.backend.run(feeds)  # outputs: logits, then present.{i}.key/value in past_names' order
-        return out[0].astype(np.float32), dict(zip(self.past_names, out[1:], strict=True))
+        feeds = {name: value for name, value in feeds.items() if name in self.inputs}
+        out = self.backend.run(feeds)  # outputs: logits, then present.{i}.key/value (feeds_back's order)
+        return out[0].astype(np.float32), dict(zip(self.feeds_back, out[1:], strict=True))
 
     def greedy(self, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
         """(tokens, prefill seconds, decode milliseconds per token)."""

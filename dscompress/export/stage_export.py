@@ -24,6 +24,7 @@ from dscompress.artifact import ONNX_SIDE_FILES
 from dscompress.calibrate.metrics import evaluate
 from dscompress.export import trt_rules
 from dscompress.export.genai import PAST, check_genai, rename_cache, write_config
+from dscompress.export.genai_builder import build, builder_refusal
 from dscompress.export.onnx import EXTERNAL_DATA_ABOVE, OPSET, ExportError, export_float
 from dscompress.export.onnx_quant import ORT_TARGETS, TARGETS, check_exportable, quantize_graph
 from dscompress.export.ort_runner import MODEL_FILE, OrtLM, torch_greedy
@@ -56,6 +57,12 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
                           "float32 beside the int8 MatMuls); export without --fp16")  # fmt: skip
     if target == "ort-genai":
         check_genai(stage)
+        if not fp16 and builder_refusal(stage, quant) is None:  # INT4: ORT GenAI's own builder, on our grid
+            out.mkdir(parents=True, exist_ok=True)
+            meta = build(stage, out, accuracy_level)
+            meta |= {"target": target, "fp16": False, "method": quant.method, "tensorrt_rules": "n/a",
+                     "accuracy_level": accuracy_level}  # fmt: skip
+            return _finish(stage, out, meta)
     model = load_model(stage).eval()
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILE
@@ -100,6 +107,11 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
     }
     if target == "ort-genai":
         write_config(out, stage, meta, max_length=2048)
+    meta["graph"] = "dscompress (torch.onnx dynamo export)"
+    return _finish(stage, out, meta)
+
+
+def _finish(stage: Path, out: Path, meta: dict) -> dict:
     (out / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
     for name in ONNX_SIDE_FILES:
         if (stage / name).exists():

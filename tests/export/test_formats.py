@@ -120,6 +120,61 @@ def test_stock_transformers_loads_our_compressed_tensors_checkpoint(gptq_stages)
     assert diff < 1e-2  # only the unquantized tensors differ: they are stored in float16
 
 
+STOCK_LOAD = """
+import sys, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu", dtype=torch.float16)
+kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith("q_proj")}
+with torch.no_grad():
+    logits = model(torch.arange(10, 42)[None]).logits.float()
+save_file({"logits": logits.contiguous()}, sys.argv[2])
+print(",".join(sorted(kinds)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_stock_transformers_with_gptqmodel_loads_our_gptq_checkpoints(gptq_stages, fmt, tmp_path):
+    """Stock `AutoModelForCausalLM.from_pretrained` (transformers' GPTQ integration: gptqmodel 7.6 + optimum, in a
+    venv of their own over our torch and transformers, made once from PyPI) loads our asymmetric v1 and v2 packed
+    checkpoints into its quantized Linears and computes our stage's logits (float16 there)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from overlay_venv import overlay_venv
+
+    python = overlay_venv(Path.home() / ".cache" / "dscompress" / "test-venvs" / "gptqmodel-7.6.0",
+                          ["gptqmodel==7.6.0", "optimum==2.3.0"])  # fmt: skip
+    stage = gptq_stages["llama"]
+    out = tmp_path / "logits.safetensors"
+    done = subprocess.run([str(python), "-c", STOCK_LOAD, str(stage / "packed" / fmt), str(out)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MISSING" not in done.stderr and "UNEXPECTED" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] != "Linear"  # gptqmodel's quantized Linear, not a float one
+    theirs = load_file(str(out))["logits"]
+    ours = AutoModelForCausalLM.from_pretrained(stage, dtype=torch.float32)
+    with torch.no_grad():
+        ref = ours(torch.arange(10, 42)[None]).logits
+    assert float((theirs - ref).abs().max()) < 1e-2 * float(ref.abs().max())
+    assert torch.equal(theirs.argmax(-1), ref.argmax(-1))
+
+
+def test_gptq_checkpoints_of_moe_models_get_a_note(tmp_path):
+    """Stock transformers keeps MoE experts fused and leaves per-expert GPTQ tensors unloaded: validate says so."""
+    stages = "  - gptq: {bits: 4, group_size: 32}\n    save_formats: [gptq, compressed-tensors]"
+    result = cli("validate", str(tiny_recipe(tmp_path / "r.yaml", "tiny:qwen3_moe", stages)))
+    assert result.returncode == 0 and "note: stages[0].save_formats: gptq" in result.stderr
+    assert "experts left uninitialized" in result.stderr and "compressed-tensors" in result.stderr
+    dense = cli("validate", str(tiny_recipe(tmp_path / "d.yaml", "tiny:qwen2", stages)))
+    assert dense.returncode == 0 and "note:" not in dense.stderr
+
+
 def test_gptq_files_have_the_documented_shapes(gptq_stages):
     tensors = load_file(str(gptq_stages["llama"] / "packed" / "gptq" / "model.safetensors"))
     q = "model.layers.0.self_attn.q_proj"

@@ -61,3 +61,35 @@ def test_accuracy_level_is_refused_for_the_tensorrt_target(tmp_path):
                       "    onnx: {targets: [onnx, ort-genai], accuracy_level: 4}\n")  # fmt: skip
     result = cli_here("validate", str(recipe))
     assert result.returncode == 2 and "the onnx target (TensorRT) keeps float32" in result.stderr
+
+
+@pytest.mark.parametrize(("arch", "builder"), [("llama", True), ("qwen2", True), ("qwen3", True), ("qwen3_moe", False)])
+def test_int4_stages_go_through_ort_genais_own_builder_on_our_grid(tmp_path, arch, builder):
+    """A 4-bit weight-only stage of a dense model is written by ORT GenAI's model builder from our packed GPTQ
+    checkpoint (GroupQueryAttention, fused q/k/v); the parity gate runs on that graph; its cache, fed back step by
+    step, gives the full window's logits; ORT GenAI generates our loop's tokens. MoE stages keep our graph."""
+    from conftest import tiny_recipe
+
+    from dscompress import run as run_recipe
+
+    stages = ("  - rtn: {bits: 4, group_size: 32, symmetric: false}\n"
+              "    onnx: {targets: [ort-genai], parity: {max_kl_diff: 0.0005}}")  # fmt: skip
+    report = run_recipe(tiny_recipe(tmp_path / "r.yaml", f"tiny:{arch}", stages), tmp_path / "out")
+    assert report["result"] == "passed", report
+    out = tmp_path / "out" / "1-rtn" / "onnx" / "ort-genai"
+    meta = json.loads((out / "export.json").read_text())
+    assert ("model builder" in meta["graph"]) == builder
+    if builder:
+        layers = meta["layout"]["layers"]
+        assert meta["quantization"]["group_query_attention"] == layers and "position_ids" not in meta["inputs"]
+        assert meta["quantization"]["matmulnbits"] == 5 * layers  # q/k/v fused; o, gate, up, down
+        assert json.loads((out / CONFIG_FILE).read_text())["search"]["past_present_share_buffer"] is True
+    lm = OrtLM(out)
+    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(4))
+    full = lm.logits(ids)[0]
+    logits, past = lm.step(ids[:, :16].numpy(), lm.empty_past(1), 0)
+    for t in range(16, 24):  # one token at a time through the cache the graph returned
+        logits, past = lm.step(ids[:, t : t + 1].numpy(), past, t)
+        torch.testing.assert_close(torch.from_numpy(logits[0, -1]), full[t], atol=2e-4, rtol=1e-4)
+    ours, _ = lm.greedy(PROMPT, 10)
+    assert genai_greedy(out, PROMPT.tolist(), 10) == ours

@@ -10,17 +10,26 @@ from dscompress.compress.gptq import dist
 from dscompress.compress.gptq.config import GPTQConfig
 from dscompress.compress.gptq.ranks import SingleRank
 from dscompress.compress.gptq.solve import quantize
+from dscompress.compress.rotation import check_rotate, rotate_first
 from dscompress.compress.selection import check_group_size
 from dscompress.compress.workers import world_size
 from dscompress.context import PassOutput, StageContext
 from dscompress.errors import RecipeError
+from dscompress.models.stream import stream_of
 
-# The same pre-flight rule as rtn: the group size must divide every quantized width.
-check = check_group_size
+
+def check(config: GPTQConfig, info) -> list[tuple[str, str]]:
+    """The same pre-flight rules as rtn: the group size divides every quantized width; rotation fits the model."""
+    return check_group_size(config, info) + check_rotate(config, info)
 
 
 def apply(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext) -> PassOutput:
     if cluster.launched():  # started by torchrun: every rank of the launcher's group takes part; `devices` unused
+        if config.rotate:
+            raise RecipeError(
+                "gptq.rotate: under torchrun every rank reads its layers from the checkpoint on disk, which the "
+                "rotation would not reach; run it as one process or set rotate: false"
+            )
         return dist.lead(model, config, ctx)
     world = world_size(config.devices, ctx.device, "gptq")
     windows = len(ctx.calibration())
@@ -29,4 +38,13 @@ def apply(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext) -> Pass
                           "at least one. Fix: lower devices or raise data.calibration.samples")  # fmt: skip
     if world > 1:  # one worker process per device; they write the result this process loads
         return dist.launch(model, config, ctx, world)
-    return quantize(model, config, ctx, SingleRank())
+    if config.rotate and stream_of(model) is not None:
+        raise RecipeError(
+            "gptq.rotate: the model is streamed (model.stream: true), one layer in memory at a time, and the "
+            "rotation rewrites all of them first; remove model.stream or set rotate: false"
+        )
+    rotation = rotate_first(model, ctx, config, "gptq")
+    out = quantize(model, config, ctx, SingleRank())
+    if rotation:
+        out.summary["rotation"] = rotation
+    return out

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from dscompress.compress.rotation_config import rotate_field
 from dscompress.compress.selection import WithExclude
 
 
@@ -32,6 +33,7 @@ class GPTQConfig(WithExclude):
         description="static grids: clip each group's min-max range (a shrink of 1.0 down to 0.6) where the "
         "diag(H)-weighted rounding error is least, instead of the full range",
     )
+    rotate: bool = rotate_field()
     true_sequential: bool = Field(True, description="re-collect inputs after each quantized group of a layer")
     batch_size: int = Field(8, ge=1, description="calibration windows per forward pass")
     moe_min_tokens: int = Field(16, ge=1, description="fewer routed tokens than this: the expert gets RTN")
@@ -45,6 +47,15 @@ class GPTQConfig(WithExclude):
         if v != "auto" and v < 1:
             raise ValueError("devices must be at least 1 (or auto)")
         return v
+
+    @model_validator(mode="after")
+    def _rotate_needs_one_process(self):
+        if self.rotate and self.devices != 1:
+            raise ValueError(
+                f"rotate rewrites the whole model before the solve, and devices: {self.devices} starts workers that "
+                "read the layers from the checkpoint on disk; set devices: 1 or rotate: false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _clip_search_needs_static_grids(self):

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import torch
 
+from dscompress.compress.rotation import check_rotate, rotate_first
 from dscompress.compress.rtn.config import RTNConfig
 from dscompress.compress.selection import check_group_size, selected
 from dscompress.context import PassOutput, StageContext
 from dscompress.quant.primitives import fake_quantize
 from dscompress.quant.qstate import QuantState
 
-# The pre-flight rule: the group size must divide every quantized width.
-check = check_group_size
+
+def check(config: RTNConfig, info) -> list[tuple[str, str]]:
+    """The pre-flight rules: the group size divides every quantized width; rotation fits the architecture."""
+    return check_group_size(config, info) + check_rotate(config, info)
 
 
 def apply(model: torch.nn.Module, config: RTNConfig, ctx: StageContext) -> PassOutput:
+    rotation = rotate_first(model, ctx, config, "rtn")
     state = QuantState("rtn", config.bits, config.group_size, config.symmetric)
     targets = selected(list(ctx.adapter.weight_targets(model)), config.exclude)
     with torch.no_grad():
@@ -28,4 +32,5 @@ def apply(model: torch.nn.Module, config: RTNConfig, ctx: StageContext) -> PassO
             weight.copy_(deq.to(weight.dtype))
             state.add(t.name, t.kind, weight.shape, scale, zero)
     numel = sum(t.param.numel() for t in targets)
-    return PassOutput(model, quant=state, summary={"quantized_weights": len(targets), "quantized_params": numel})
+    summary = {"quantized_weights": len(targets), "quantized_params": numel}
+    return PassOutput(model, quant=state, summary=summary | ({"rotation": rotation} if rotation else {}))

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from dscompress.compress.rotation_config import rotate_field
 from dscompress.compress.selection import WithExclude
 
 
@@ -17,3 +18,4 @@ class RTNConfig(WithExclude):
         128, description="weights sharing one scale along in_features; -1 = one per output channel"
     )
     symmetric: bool = Field(True, description="symmetric grid (zero point 2**(bits-1)) or asymmetric")
+    rotate: bool = rotate_field()

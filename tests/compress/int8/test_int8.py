@@ -224,3 +224,31 @@ def test_bad_int8_options_are_one_line_errors(tmp_path, stage, expect):
 def test_int8_config_defaults_are_the_documented_ones():
     config = Int8Config()
     assert (config.calibration, config.smoothquant_alpha, config.fallback) == ("kl", 0.5, "auto")
+
+
+@pytest.mark.parametrize("alpha", [0.5, None])
+def test_layers_too_big_to_keep_give_the_kept_histograms(monkeypatch, alpha):
+    """Above KEEP_BYTES a layer runs twice instead of keeping its site inputs; the second run's histograms get
+    their range from the first run's channel maxima, so the thresholds are the kept path's (float round-off in the
+    folded smoothing moves at most a few values by one bin)."""
+    from dscompress.compress.int8 import apply as int8_apply  # noqa: PLC0415
+    from dscompress.context import StageContext  # noqa: PLC0415
+
+    config = Int8Config(calibration="kl", smoothquant_alpha=alpha)
+    calib = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))
+    results = []
+    for keep_bytes in (1 << 30, 0):
+        monkeypatch.setattr(int8_apply, "KEEP_BYTES", keep_bytes)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config("qwen2"), dtype=torch.float32).eval()
+        with StageContext.standalone(model, calib, quiet=True) as ctx:
+            sites = {i: layer_sites(ctx.adapter, model, i) for i in range(len(ctx.adapter.layers(model)))}
+            observers, _ = int8_apply.calibrate(model, ctx, config, sites.__getitem__)
+        results.append(observers)
+    kept, again = results
+    assert kept.keys() == again.keys() and kept
+    for name in kept:
+        assert kept[name].range == pytest.approx(again[name].range, rel=1e-6)
+        assert kept[name].count == again[name].count
+        assert float((kept[name].counts - again[name].counts).abs().sum()) <= 0.001 * kept[name].count
+        assert kept[name].threshold("kl", 99.99) == pytest.approx(again[name].threshold("kl", 99.99), rel=2e-3)

@@ -17,6 +17,7 @@ lm_head unquantized. Everything else (float and INT8 stages, MoE experts, a quan
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -54,6 +55,11 @@ def build(stage: Path, out: Path, accuracy_level: int) -> dict:
     """The builder's graph, genai_config.json and tokenizer in `out`; returns the export metadata (export.json)."""
     from dscompress.export.formats import export as pack
 
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise ExportError(
+            "the ort-genai target writes INT4 stages with ONNX Runtime GenAI's model builder, and onnxruntime-genai "
+            "is not installed; install the onnx extra: pip install 'dscompress[onnx]'"
+        )
     scratch = out.with_name(f"{TMP_PREFIX}builder-{out.name}.{os.getpid()}")
     try:
         pack(stage, scratch / "gptq", "gptq")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cache
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,6 +30,7 @@ DEFAULT_MODEL = "bundled:smollm2-135m-instruct"  # bench_w8a8's default --model
 MODELS = {"smollm2": "bundled:smollm2-135m-instruct", "qwen": "bundled:qwen2.5-coder-0.5b-instruct"}
 
 
+@cache
 def decoder_fraction(model: str) -> float:
     """Decoder-layer Linear multiply-adds per token over all Linear multiply-adds (lm_head included)."""
     from dscompress.models.sources import resolve  # noqa: PLC0415 (heavy import, only when collecting)
@@ -60,14 +62,14 @@ def _decoder_share(linear: float, lm_head_int8: bool, fraction: float) -> float:
     return round(min(1.0, max(0.0, (linear - head) / fraction)), 4)
 
 
-def dynamic_rows(path: Path, fractions: dict) -> list[dict]:
+def dynamic_rows(path: Path) -> list[dict]:
     doc = json.loads(path.read_text())
     out = []
     for row in doc["rows"]:
         if row["variant"] == "fp32 onnx" or "perplexity" not in row:
             continue
         model = _model_of(doc, row)
-        fraction = fractions.get(model) or fractions.setdefault(model, decoder_fraction(model))
+        fraction = decoder_fraction(model)
         ours = row["tool"] == "dscompress"
         share = _decoder_share(row["w8a8_share"], row["method"].endswith("lmhead"), fraction) if ours else 1.0
         out.append({
@@ -83,14 +85,14 @@ def dynamic_rows(path: Path, fractions: dict) -> list[dict]:
     return out
 
 
-def static_rows(path: Path, fractions: dict) -> list[dict]:
+def static_rows(path: Path) -> list[dict]:
     doc = json.loads(path.read_text())
     out = []
     for row in doc["rows"]:
         if "perplexity" not in row:  # calibration-only rows and peers that gave no result
             continue
         model = _model_of(doc, row)
-        fraction = fractions.get(model) or fractions.setdefault(model, decoder_fraction(model))
+        fraction = decoder_fraction(model)
         summary = row.get("summary", {})
         if row["tool"] == "dscompress":
             share = summary.get("w8a8_decoder_flops_share")
@@ -123,16 +125,16 @@ def _source(path: Path, doc: dict) -> dict:
 
 
 def main() -> None:
-    fractions: dict[str, float] = {}
     rows = []
     for path in sorted(RESULTS.glob("int8_cpu*.json")):
-        rows += dynamic_rows(path, fractions)
+        rows += dynamic_rows(path)
     for path in sorted(RESULTS.glob("w8a8*.json")):
-        rows += static_rows(path, fractions)
+        rows += static_rows(path)
     out = RESULTS / "int8_coverage.json"
     tmp = out.with_name(f".tmp-{out.name}")
     tmp.write_text(json.dumps(rows, indent=1) + "\n")
     tmp.replace(out)
+    fractions = {model: round(decoder_fraction(model), 4) for model in sorted({r["model"] for r in rows})}
     print(f"{len(rows)} rows -> {out}; decoder fractions: {fractions}")
 
 

@@ -207,7 +207,7 @@ def validate(recipe: RecipeArg, as_json: Json = False, debug: Debug = False) -> 
 
     with handled(debug, every_problem=True):
         parsed, _, info = _load(recipe)
-        notes = compatibility_notes(parsed, any(t.kind == "experts" for t in info.targets))
+        notes = compatibility_notes(parsed, info.has_experts)
         if as_json:
             out.print_json(json.dumps({"ok": True, "recipe": str(recipe), "stages": len(parsed.stages),
                                        "architecture": info.adapter.model_type, "params": info.n_params,

@@ -145,7 +145,7 @@ class Runner:
             source = resolve(model.path, on_step=self._step, keep_fp8=model.stream).directory
         info = inspect_model(source, model.trust_remote_code)
         check_against_model(self.recipe, self.located, info)
-        self.notes = compatibility_notes(self.recipe, any(t.kind == "experts" for t in info.targets))
+        self.notes = compatibility_notes(self.recipe, info.has_experts)
         for note in self.notes:
             self.console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
         self.corpus = Corpus(self.recipe.data, load_tokenizer(source))

@@ -51,8 +51,9 @@ def builder_refusal(stage: Path, quant: QuantState | None) -> str | None:
     return None
 
 
-def build(stage: Path, out: Path, accuracy_level: int) -> dict:
-    """The builder's graph, genai_config.json and tokenizer in `out`; returns the export metadata (export.json)."""
+def build(stage: Path, quant: QuantState, out: Path, accuracy_level: int) -> dict:
+    """The builder's graph, genai_config.json and tokenizer in `out` for `stage` (whose quantization metadata is
+    `quant`); returns the export metadata (export.json)."""
     from dscompress.export.formats import export as pack
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
@@ -72,7 +73,7 @@ def build(stage: Path, out: Path, accuracy_level: int) -> dict:
             raise ExportError(f"ONNX Runtime GenAI's model builder failed on {stage}: {last[:300]}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return _meta(stage, out, QuantState.load(stage))
+    return _meta(stage, out, quant)
 
 
 def _meta(stage: Path, out: Path, quant: QuantState) -> dict:
@@ -93,7 +94,8 @@ def _meta(stage: Path, out: Path, quant: QuantState) -> dict:
         "past_name": PAST,
         "external_data": (out / "model.onnx.data").exists(),
         "graph": f"onnxruntime-genai {onnxruntime_genai.__version__} model builder",
-        "quantization": {"matmulnbits": ops["MatMulNBits"], "group_query_attention": ops["GroupQueryAttention"],
-                         "quantized_linears": len(quant.targets), "expected_linears": len(quant.targets)},
+        # the stage's quantized Linears, and the builder's nodes for them (q/k/v fused into one MatMulNBits)
+        "quantization": {"quantized_linears": len(quant.targets), "matmulnbits": ops["MatMulNBits"],
+                         "group_query_attention": ops["GroupQueryAttention"]},
         "ort_fusions": {k: ops[k] for k in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization") if ops[k]},
     }  # fmt: skip

@@ -59,7 +59,7 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
         check_genai(stage)
         if not fp16 and builder_refusal(stage, quant) is None:  # INT4: ORT GenAI's own builder, on our grid
             out.mkdir(parents=True, exist_ok=True)
-            meta = build(stage, out, accuracy_level)
+            meta = build(stage, quant, out, accuracy_level)
             meta |= {"target": target, "fp16": False, "method": quant.method, "tensorrt_rules": "n/a",
                      "accuracy_level": accuracy_level}  # fmt: skip
             return _finish(stage, out, meta)

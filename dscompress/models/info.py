@@ -26,6 +26,11 @@ class ModelInfo:
     def bytes(self, dtype: str) -> int:
         return self.n_params * DTYPE_BYTES[dtype]
 
+    @property
+    def has_experts(self) -> bool:
+        """Whether the model has MoE expert stacks."""
+        return any(t.kind == "experts" for t in self.targets)
+
 
 def inspect_model(directory: Path, trust_remote_code: bool = False) -> ModelInfo:
     info = inspect_config(load_config(directory, trust_remote_code), trust_remote_code)

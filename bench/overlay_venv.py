@@ -8,6 +8,7 @@ the shared ones.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,12 +19,16 @@ def overlay_venv(venv: Path, requirements: list[str] | None = None, wheels: Path
     """The venv's python, made once: `requirements` from the index (dependencies resolved against the shared
     packages too), or every wheel in `wheels` without an index or dependency resolution."""
     python = venv / "bin" / "python"
-    if python.exists():
+    shared = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    pth = next(venv.glob("lib/python3*/site-packages/shared-site-packages.pth"), None)
+    if python.exists() and pth is not None and pth.read_text().split() == list(shared):
         return python
+    if venv.exists():  # made over another interpreter (a moved or deleted checkout's .venv): its packages are gone
+        print(f"{venv} was made over another interpreter's packages; making it again", flush=True)
+        shutil.rmtree(venv)
     print(f"creating {venv} (one time)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next((venv / "lib").glob("python3*/site-packages"))
-    shared = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     (site / "shared-site-packages.pth").write_text("\n".join(shared) + "\n")
     pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-compile"]
     if wheels is not None:

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from dscompress.compress.rtn.config import RTNConfig
 from dscompress.context import StageContext
 from dscompress.models.load import load_model, load_tokenizer
 from dscompress.models.sources import resolve
+from dscompress.quant.qstate import deployed_bytes
 
 HERE = Path(__file__).resolve().parent
 SPLITS = {"pydoc": "builtin:pydoc", "stdlib-docstrings": "builtin:stdlib-docstrings"}
@@ -47,18 +49,29 @@ METHOD = "awq+scale_estimation"  # NNCF's
 LLMC = ["llmcompressor==0.14.0.1", "transformers==5.17.0"]  # its pin: transformers <= 5.17
 
 
+METHODS = re.compile(r"^(rtn|gptq|gptq-clip)(-rot)?(-head)?(?:-b([0-9.]+))?$")
+
+
 def ours(method: str, model_dir: Path, calibration: torch.Tensor, gs: int, sym: bool):
-    """`method`: rtn, gptq or gptq-clip, with `-rot` for the offline rotation first (rotate: true)."""
+    """`method`: rtn, gptq or gptq-clip, then `-rot` for the offline rotation first (rotate: true), `-head` for
+    lm_head quantized too (only the embedding excluded), `-b<bits>` for gptq's bits_budget (e.g. gptq-rot-head-b5).
+    Returns (model, seconds, deployed bytes)."""
+    found = METHODS.match(method)
+    if found is None:
+        raise SystemExit(f"unknown method {method!r}; allowed: {METHODS.pattern}")
+    base, rotate, head, budget = found[1], bool(found[2]), bool(found[3]), found[4]
     model = load_model(model_dir)
-    base, rotate = method.removesuffix("-rot"), method.endswith("-rot")
+    common = dict(bits=4, group_size=gs, symmetric=sym, rotate=rotate)
+    if head:
+        common["exclude"] = ["embed_tokens"]
     with StageContext.standalone(model, calibration, quiet=True) as ctx:
         started = time.perf_counter()
         if base == "rtn":
-            out = rtn_apply(model, RTNConfig(bits=4, group_size=gs, symmetric=sym, rotate=rotate), ctx)
+            out = rtn_apply(model, RTNConfig(**common), ctx)
         else:
-            config = GPTQConfig(bits=4, group_size=gs, symmetric=sym, clip_search=base == "gptq-clip", rotate=rotate)
-            out = gptq_apply(model, config, ctx)
-    return out.model, time.perf_counter() - started
+            extra = {"bits_budget": float(budget)} if budget else {}
+            out = gptq_apply(model, GPTQConfig(**common, clip_search=base == "gptq-clip", **extra), ctx)
+    return out.model, time.perf_counter() - started, deployed_bytes(out.model, out.quant)
 
 
 def main() -> None:
@@ -69,7 +82,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64, help="calibration windows")
     ap.add_argument("--eval-samples", type=int, default=16, help="evaluation windows per split")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--methods", default="rtn,gptq,gptq-clip", help="any of those, each also with -rot")
+    ap.add_argument("--methods", default="rtn,gptq,gptq-clip", help="see ours(): e.g. gptq-clip-rot-head-b5.2")
     ap.add_argument("--tools", default="dscompress,nncf,llmcompressor")
     ap.add_argument("--venv-root", type=Path, default=Path.home() / ".cache" / "dscompress" / "bench-venvs")
     ap.add_argument("--work", type=Path, default=HERE / ".work-int4")
@@ -105,10 +118,11 @@ def main() -> None:
     for gs in map(int, args.group_sizes.split(",")):
         if "dscompress" in args.tools:
             for method in args.methods.split(","):
-                model, seconds = ours(method, model_dir, calibration, gs, args.symmetric)
+                model, seconds, size = ours(method, model_dir, calibration, gs, args.symmetric)
                 for split, windows in evals.items():
                     m = evaluate(model, windows, refs[split], 4, torch.device("cpu"))
-                    rows.append(_row(common, "dscompress", method, gs, split, m, base[split], seconds))
+                    row = _row(common, "dscompress", method, gs, split, m, base[split], seconds)
+                    rows.append(row | {"deployed_mb": round(size / 1e6, 1)})
         if "nncf" in args.tools:
             rows += nncf_rows(args, common, model_dir, calibration, evals, base, gs)
         if "llmcompressor" in args.tools:

@@ -106,6 +106,12 @@ class Stage(Strict):
             raise ValueError(f"a stage takes exactly one pass, got {given or 'none'}; allowed: {', '.join(PASS_KEYS)}")
         if self.save_formats and given[0] not in PACKABLE:
             raise ValueError(f"save_formats needs a quantizing pass ({', '.join(PACKABLE)}), not {given[0]!r}")
+        if self.save_formats and self.gptq is not None and self.gptq.bits_budget is not None:
+            raise ValueError(
+                "save_formats: a bits_budget stage mixes 4- and 8-bit weights, and the packed formats written here "
+                "carry one bit width per checkpoint; remove save_formats (the stage's safetensors loads in stock "
+                "transformers, onnx-ort exports it) or remove bits_budget"
+            )
         if self.int8 is not None and self.int8.activations == "dynamic" and self.onnx and "onnx" in self.onnx.targets:
             raise ValueError(
                 "int8 activations: dynamic (a scale per token at run time) runs in ONNX Runtime, and the onnx target "

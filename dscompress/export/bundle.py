@@ -136,5 +136,7 @@ def stage_problems(stage: Path, target) -> list[str]:
     quant = QuantState.load(stage)
     if quant is None:
         return []
-    found = precision_problems(quant.bits, quant.group_size, quant.symmetric, DEVICES[target.device], target.opset)
+    bits = sorted({quant.bits_of(name) for name in quant.targets} or {quant.bits})
+    found = [p for b in bits for p in precision_problems(b, quant.group_size, quant.symmetric, DEVICES[target.device],
+                                                         target.opset)]  # fmt: skip
     return [f"{stage.name}: {message}" for _, message in found]

@@ -42,6 +42,8 @@ def builder_refusal(stage: Path, quant: QuantState | None) -> str | None:
     model_type = json.loads((stage / "config.json").read_text()).get("model_type")
     if quant is None or quant.bits != 4 or quant.activations:
         return "not a 4-bit weight-only stage"
+    if quant.mixed:
+        return "mixed bits (bits_budget): the builder reads one bit width"
     if model_type not in BUILDER_TYPES:
         return f"the builder route covers {', '.join(BUILDER_TYPES)}, not {model_type}"
     if any(meta["kind"] != "linear" for meta in quant.targets.values()):

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from dscompress.errors import DscompressError
+from dscompress.export import gqa
 
 OPSET = 21  # the default; DequantizeLinear with block_size (INT4) needs 21
 OPSET_INT4 = 21
@@ -119,13 +120,16 @@ def _has_experts(model: nn.Module) -> bool:
     return any(type(m).__name__.endswith("Experts") for m in model.modules())
 
 
-def export_float(model: nn.Module, target: Path, opset: int = OPSET) -> dict:
-    """Export `model` (float weights; quantized stages hold dequantized values) to `target` (.onnx)."""
+def export_float(model: nn.Module, target: Path, opset: int = OPSET, fused_attention: bool = False) -> dict:
+    """Export `model` (float weights; quantized stages hold dequantized values) to `target` (.onnx).
+    fused_attention: ONNX Runtime's GroupQueryAttention per layer (export/gqa.py; the caller checks
+    gqa.refusal first), else attention as standard ONNX operators."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # registry chatter (torchvision ops absent)
     model = prepare_for_export(model)
     layout = cache_layout(model)
     inputs, outputs = io_names(layout.layers)
-    wrapper = WithCache(model, layout.layers)
+    wrapper = (gqa.GqaDecoder if fused_attention else WithCache)(model, layout.layers)
+    table = gqa.translation_table() if fused_attention else None
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_ABOVE
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -134,12 +138,13 @@ def export_float(model: nn.Module, target: Path, opset: int = OPSET) -> dict:
             torch.onnx.export(
                 wrapper, example_inputs(layout), str(target), dynamo=True, opset_version=opset,
                 input_names=inputs, output_names=outputs, dynamic_shapes=_dynamic_shapes(layout.layers),
-                external_data=external, optimize=True, verbose=False,
+                external_data=external, optimize=True, verbose=False, custom_translation_table=table,
             )  # fmt: skip
     except Exception as exc:
         raise ExportError(f"{type(model).__name__} could not be exported to ONNX: {_first_line(exc)}") from exc
     meta = {"layout": layout.as_dict(), "inputs": inputs, "outputs": outputs, "external_data": external,
-            "opset": opset, "model_type": model.config.model_type}  # fmt: skip
+            "opset": opset, "model_type": model.config.model_type,
+            "attention": "GroupQueryAttention" if fused_attention else "onnx"}  # fmt: skip
     (target.parent / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

@@ -185,8 +185,9 @@ class Rewriter:
         block = k if q.group_size == -1 else q.group_size
         if block < 16 or block & (block - 1):
             raise ExportError(f"{name}: MatMulNBits needs a power-of-two block of at least 16, got {block}")
+        bits = q.bits_of(name)
         codes = q.codes(name, weight).reshape(n, k // block, block).numpy().astype(np.uint8)
-        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # low nibble first
+        packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)  # low nibble first
         inputs = [
             node.input[0],
             self.add_init(f"{prefix}.B", packed),
@@ -194,9 +195,11 @@ class Rewriter:
         ]
         if not q.symmetric:
             zero = q.tensors[f"{name}.zero"].numpy().astype(np.uint8)  # (n, blocks)
-            if zero.shape[1] % 2:
-                zero = np.concatenate([zero, np.full((n, 1), 8, np.uint8)], axis=1)
-            inputs.append(self.add_init(f"{prefix}.zero_points", (zero[:, 0::2] | (zero[:, 1::2] << 4)).reshape(-1)))
+            if bits == 4:  # two per byte, each row padded to whole bytes
+                if zero.shape[1] % 2:
+                    zero = np.concatenate([zero, np.full((n, 1), 8, np.uint8)], axis=1)
+                zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+            inputs.append(self.add_init(f"{prefix}.zero_points", zero.reshape(-1)))
         self.counts["matmulnbits"] += 1
         return helper.make_node(
             "MatMulNBits",
@@ -206,7 +209,7 @@ class Rewriter:
             domain="com.microsoft",
             K=k,
             N=n,
-            bits=4,
+            bits=bits,
             block_size=block,
             **({"accuracy_level": self.accuracy_level} if self.accuracy_level else {}),
         )
@@ -247,6 +250,11 @@ def check_exportable(quant: QuantState | None, target: str, opset: int = OPSET) 
         )
     if quant.bits not in (4, 8):
         raise ExportError(f"{quant.bits}-bit weights have no ONNX integer type here; export 4- or 8-bit stages")
+    if quant.mixed and target not in ORT_TARGETS:
+        raise ExportError(
+            "a mixed-bit stage (bits_budget) has group-wise 8-bit weights, which the onnx target (TensorRT, per-"
+            "channel INT8) does not take. Fix: export with --format onnx-ort, or remove bits_budget"
+        )
     if quant.bits == 4 and target == "onnx":
         if not quant.symmetric:
             raise ExportError(
@@ -278,7 +286,7 @@ def quantize_graph(model_proto: onnx.ModelProto, model: torch.nn.Module, quant: 
         name, weight = hit
         prefix = f"{name}.weight_q"
         used_weights.add(init.name)
-        if quant.bits == 4 and target in ORT_TARGETS:
+        if target in ORT_TARGETS and (quant.bits_of(name) == 4 or quant.mixed):  # mixed: 8-bit ones too
             nodes.append(rw.matmul_nbits(node, name, weight, prefix))
             continue
         act = quant.activations.get(name) or {"precision": "float"}

@@ -22,9 +22,10 @@ import torch
 
 from dscompress.artifact import ONNX_SIDE_FILES
 from dscompress.calibrate.metrics import evaluate
-from dscompress.export import trt_rules
+from dscompress.export import gqa, trt_rules
 from dscompress.export.genai import PAST, check_genai, rename_cache, write_config
 from dscompress.export.genai_builder import build, builder_refusal
+from dscompress.export.nbits_fuse import fuse_siblings
 from dscompress.export.onnx import EXTERNAL_DATA_ABOVE, OPSET, ExportError, export_float
 from dscompress.export.onnx_quant import ORT_TARGETS, TARGETS, check_exportable, quantize_graph
 from dscompress.export.ort_runner import MODEL_FILE, OrtLM, torch_greedy
@@ -66,13 +67,18 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
     model = load_model(stage).eval()
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILE
-    meta = export_float(model, path, opset)
+    plain = gqa.refusal(model) if target == "onnx-ort" else f"the {target} target keeps standard attention"
+    meta = export_float(model, path, opset, fused_attention=plain is None)
+    if plain is not None:
+        meta["attention_plain_because"] = plain
     proto = onnx.load(str(path))
     counts = quantize_graph(proto, model, quant, target, accuracy_level) if quant is not None else {}
     if quant is not None and counts["quantized_linears"] != counts["expected_linears"]:
         raise ExportError(
             f"matched {counts['quantized_linears']} of {counts['expected_linears']} quantized Linears in the graph"
         )
+    if quant is not None and target in ORT_TARGETS:
+        counts["fused_matmulnbits"] = fuse_siblings(proto)  # q/k/v and gate/up: one MatMulNBits each
     external = meta["external_data"] or proto.ByteSize() > EXTERNAL_DATA_ABOVE
     _save(proto, path, external)
     onnx.checker.check_model(str(path))  # the standard graph; MatMulNBits' custom domain is skipped

@@ -42,8 +42,19 @@ class QuantState:
     def dynamic_activations(self) -> bool:
         return any(a.get("mode") == "dynamic" and a["precision"] == "int8" for a in self.activations.values())
 
-    def add(self, name: str, kind: str, shape, scale: torch.Tensor, zero: torch.Tensor) -> None:
+    @property
+    def mixed(self) -> bool:
+        """Some targets carry their own bits (gptq's bits_budget: the sensitive ones at 8)."""
+        return any(meta.get("bits", self.bits) != self.bits for meta in self.targets.values())
+
+    def bits_of(self, name: str) -> int:
+        return self.targets[name].get("bits", self.bits)
+
+    def add(self, name: str, kind: str, shape, scale: torch.Tensor, zero: torch.Tensor,
+            bits: int | None = None) -> None:  # fmt: skip
         self.targets[name] = {"kind": kind, "shape": list(shape)}
+        if bits is not None and bits != self.bits:
+            self.targets[name]["bits"] = bits
         self.tensors[f"{name}.scale"] = scale.float().contiguous()
         self.tensors[f"{name}.zero"] = zero.to(torch.int32).contiguous()
 
@@ -53,7 +64,7 @@ class QuantState:
         if rotation := self.targets[name].get("rotation"):
             weight = rotate(weight.float(), *rotation)
         scale, zero = self.tensors[f"{name}.scale"], self.tensors[f"{name}.zero"]
-        return quantize_codes(weight, scale, zero, self.bits, self.group_size)
+        return quantize_codes(weight, scale, zero, self.bits_of(name), self.group_size)
 
     def save(self, directory: Path) -> None:
         meta = {
@@ -62,7 +73,8 @@ class QuantState:
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
-            "convention": "w = (q - zero) * scale, q unsigned in [0, 2**bits - 1], groups along in_features",
+            "convention": "w = (q - zero) * scale, q unsigned in [0, 2**bits - 1], groups along in_features; a "
+            "target's own `bits` overrides the stage's",
             "targets": self.targets,
         }
         if self.activations:
@@ -103,5 +115,6 @@ def deployed_bytes(model, state: QuantState | None) -> int:
     element = next(iter(params)).element_size()
     for meta in state.targets.values():
         numel = math.prod(meta["shape"])
-        total += quantized_bytes(numel, state.bits, state.group_size, meta["shape"][-1]) - numel * element
+        bits = meta.get("bits", state.bits)
+        total += quantized_bytes(numel, bits, state.group_size, meta["shape"][-1]) - numel * element
     return int(total)

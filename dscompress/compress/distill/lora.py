@@ -90,7 +90,7 @@ def attach(model: nn.Module, settings: LoraSettings, seed: int, grid: QuantState
             continue
         base = layer.get_base_layer()
         scale, zero = grid.tensors[f"{name}.scale"], grid.tensors[f"{name}.zero"]
-        fake = GridFakeQuant(scale, zero, grid.bits, grid.group_size).to(base.weight.device)
+        fake = GridFakeQuant(scale, zero, grid.bits_of(name), grid.group_size).to(base.weight.device)
         parametrize.register_parametrization(base, "weight", ThroughGrid(fake, _delta_of(layer)), unsafe=True)
         on_grid.append(name)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

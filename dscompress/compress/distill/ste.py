@@ -44,7 +44,7 @@ def attach_grid(model: nn.Module, quant: QuantState) -> list[tuple[nn.Module, st
     for name, target in quant.targets.items():
         module, attr = _owner(model, name, target["kind"])
         scale, zero = quant.tensors[f"{name}.scale"], quant.tensors[f"{name}.zero"]
-        fake = GridFakeQuant(scale, zero, quant.bits, quant.group_size).to(getattr(module, attr).device)
+        fake = GridFakeQuant(scale, zero, quant.bits_of(name), quant.group_size).to(getattr(module, attr).device)
         parametrize.register_parametrization(module, attr, fake, unsafe=True)
         owners.append((module, attr))
     return owners
@@ -67,7 +67,7 @@ def off_grid(model: nn.Module, quant: QuantState) -> list[str]:
     for name, target in quant.targets.items():
         module, attr = _owner(model, name, target["kind"])
         w = getattr(module, attr).detach().float().cpu()
-        fake = GridFakeQuant(quant.tensors[f"{name}.scale"], quant.tensors[f"{name}.zero"], quant.bits,
+        fake = GridFakeQuant(quant.tensors[f"{name}.scale"], quant.tensors[f"{name}.zero"], quant.bits_of(name),
                              quant.group_size)  # fmt: skip
         if not torch.equal(fake(w), w):
             bad.append(name)
@@ -75,13 +75,15 @@ def off_grid(model: nn.Module, quant: QuantState) -> list[str]:
 
 
 def requantize(model: nn.Module, quant: QuantState) -> QuantState:
-    """Round-to-nearest again after float training: new scales with the stage's bits, group size and symmetry."""
+    """Round-to-nearest again after float training: new scales with each weight's bits and the stage's group size
+    and symmetry."""
     fresh = QuantState(f"{quant.method}+requantized", quant.bits, quant.group_size, quant.symmetric)
     with torch.no_grad():
         for name, target in quant.targets.items():
             module, attr = _owner(model, name, target["kind"])
             weight = getattr(module, attr)
-            dq, scale, zero = fake_quantize(weight.float(), quant.bits, quant.group_size, quant.symmetric)
+            bits = quant.bits_of(name)
+            dq, scale, zero = fake_quantize(weight.float(), bits, quant.group_size, quant.symmetric)
             weight.copy_(dq.to(weight.dtype))
-            fresh.add(name, target["kind"], weight.shape, scale, zero)
+            fresh.add(name, target["kind"], weight.shape, scale, zero, bits)
     return fresh

@@ -7,6 +7,7 @@ import torch
 
 from dscompress.compress import cluster
 from dscompress.compress.gptq import dist
+from dscompress.compress.gptq.budget import allocate
 from dscompress.compress.gptq.config import GPTQConfig
 from dscompress.compress.gptq.ranks import SingleRank
 from dscompress.compress.gptq.solve import quantize
@@ -25,6 +26,9 @@ def check(config: GPTQConfig, info) -> list[tuple[str, str]]:
 
 def apply(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext) -> PassOutput:
     if cluster.launched():  # started by torchrun: every rank of the launcher's group takes part; `devices` unused
+        if config.bits_budget is not None:
+            raise RecipeError("gptq.bits_budget: under torchrun every rank reads its layers from the checkpoint on "
+                              "disk; run it as one process or remove bits_budget")  # fmt: skip
         if config.rotate:
             raise RecipeError(
                 "gptq.rotate: under torchrun every rank reads its layers from the checkpoint on disk, which the "
@@ -43,8 +47,16 @@ def apply(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext) -> Pass
             "gptq.rotate: the model is streamed (model.stream: true), one layer in memory at a time, and the "
             "rotation rewrites all of them first; remove model.stream or set rotate: false"
         )
+    if config.bits_budget is not None and stream_of(model) is not None:
+        raise RecipeError(
+            "gptq.bits_budget: the model is streamed (model.stream: true), and the sensitivity of each weight is "
+            "measured on the whole model; remove model.stream or bits_budget"
+        )
     rotation = rotate_first(model, ctx, config, "gptq")
-    out = quantize(model, config, ctx, SingleRank())
+    high, mixed = allocate(model, config, ctx) if config.bits_budget is not None else ({}, None)
+    out = quantize(model, config, ctx, SingleRank(), high)
     if rotation:
         out.summary["rotation"] = rotation
+    if mixed:
+        out.summary["mixed_precision"] = mixed
     return out

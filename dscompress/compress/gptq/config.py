@@ -9,6 +9,14 @@ from pydantic import Field, field_validator, model_validator
 from dscompress.compress.rotation_config import rotate_field
 from dscompress.compress.selection import WithExclude
 
+HIGH_BITS = 8  # what bits_budget keeps the sensitive weights at
+
+
+def bits_per_weight(bits: int, group_size: int) -> float:
+    """Stored bits per weight: the codes plus a float16 scale and a `bits`-wide zero point per group (per-channel
+    grids: about `bits`; quant/qstate.py's quantized_bytes counts the same)."""
+    return bits + ((16 + bits) / group_size if group_size > 0 else 0.0)
+
 
 class GPTQConfig(WithExclude):
     """`gptq:` stage. Example: `{bits: 4, group_size: 64, symmetric: false, act_order: true}`."""
@@ -34,6 +42,13 @@ class GPTQConfig(WithExclude):
         "diag(H)-weighted rounding error is least, instead of the full range",
     )
     rotate: bool = rotate_field()
+    bits_budget: float | None = Field(
+        None,
+        gt=0,
+        description="mixed precision: the average bits per quantized weight (group scales and zero points "
+        "included) to spend; the weights whose alone-quantized KL to the float model is largest per extra byte "
+        "stay at 8 bits until the budget is spent, the rest at `bits`; the choice goes to the report",
+    )
     true_sequential: bool = Field(True, description="re-collect inputs after each quantized group of a layer")
     batch_size: int = Field(8, ge=1, description="calibration windows per forward pass")
     moe_min_tokens: int = Field(16, ge=1, description="fewer routed tokens than this: the expert gets RTN")
@@ -55,6 +70,25 @@ class GPTQConfig(WithExclude):
                 f"rotate rewrites the whole model before the solve, and devices: {self.devices} starts workers that "
                 "read the layers from the checkpoint on disk; set devices: 1 or rotate: false"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _budget_fits(self):
+        if self.bits_budget is None:
+            return self
+        low = bits_per_weight(self.bits, self.group_size)
+        if self.bits >= HIGH_BITS:
+            raise ValueError(f"bits_budget mixes bits: {self.bits} with {HIGH_BITS}-bit weights; set bits below "
+                             f"{HIGH_BITS} or remove bits_budget")  # fmt: skip
+        if self.bits_budget < low:
+            raise ValueError(
+                f"bits_budget {self.bits_budget} is below what {self.bits}-bit weights alone cost at group_size "
+                f"{self.group_size} ({low:.3f} bits per weight with their scales and zero points); raise it to at "
+                f"least {low:.3f} or remove bits_budget"
+            )
+        if self.devices != 1:
+            raise ValueError(f"bits_budget measures every weight's sensitivity in this process, and devices: "
+                             f"{self.devices} starts workers; set devices: 1 or remove bits_budget")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -113,6 +113,7 @@ class _Run:
     layer_loss: dict = field(default_factory=dict)  # block -> GPTQ's loss proxy summed over its solves (this rank)
     layer_peaks: list = field(default_factory=list)  # block -> {phase: accelerator peak bytes}
     peak: int = 0  # accelerator peak over the whole pass
+    high: dict = field(default_factory=dict)  # bits_budget: weight name -> its own bits (the rest: config.bits)
 
     def phase_peak(self, device: torch.device, phase: str) -> None:
         """The accelerator's peak since the last phase, kept for the current block; the pass's own peak."""
@@ -134,9 +135,9 @@ class _Run:
         by the fused block kernel (each where the device supports it); torch: float32 GEMMs and the eager loop."""
         return self.config.kernel == "auto"
 
-    def solver_args(self) -> dict:
+    def solver_args(self, bits: int | None = None) -> dict:
         c = self.config
-        return dict(bits=c.bits, group_size=c.group_size, sym=c.symmetric, damp_frac=c.damp_frac,
+        return dict(bits=bits or c.bits, group_size=c.group_size, sym=c.symmetric, damp_frac=c.damp_frac,
                     act_order=c.act_order, block_size=c.block_size, kernel=c.kernel,
                     clip_search=c.clip_search)  # fmt: skip
 
@@ -186,12 +187,25 @@ def _solve_experts(t: WeightTarget, mine: list[int], accs: dict[int, HessianAccu
 
 
 def _quantize_linears(group: list[WeightTarget], acc: HessianAccumulator, run: _Run) -> None:
-    """One solve for the whole group (rows are independent in GPTQ); with several ranks each solves a slice of
-    the rows against the same Hessian and the slices are exchanged."""
+    """One solve per bit width in the group (rows are independent in GPTQ, so a shared Hessian serves q/k/v
+    together); with several ranks each solves a slice of the rows against the same Hessian and the slices are
+    exchanged."""
+    widths = sorted({run.high.get(t.name, run.config.bits) for t in group})
+    for i, bits in enumerate(widths):
+        part = [t for t in group if run.high.get(t.name, run.config.bits) == bits]
+        if i < len(widths) - 1:  # the solve consumes the Hessian; the next width gets its own copy
+            copy = HessianAccumulator.__new__(HessianAccumulator)
+            copy.__dict__ |= acc.__dict__ | {"H": acc.H.clone()}
+            _solve_linears(part, copy, run, bits)
+        else:
+            _solve_linears(part, acc, run, bits)
+
+
+def _solve_linears(group: list[WeightTarget], acc: HessianAccumulator, run: _Run, bits: int) -> None:
     stacked = torch.cat([t.param.detach() for t in group]).to(acc.H.device)
     bounds = run.comm.slices(len(stacked))
     lo, hi = bounds[run.comm.rank]
-    res = gptq_quantize(stacked[lo:hi], acc, **run.solver_args())  # takes acc.H: freed as the solve goes
+    res = gptq_quantize(stacked[lo:hi], acc, **run.solver_args(bits))  # takes acc.H: freed as the solve goes
     run.add_loss(res.error)
     run.stats["rtn_fallback_weights"] += int(res.damp_used < 0)  # the same Hessian, so the same on every rank
     weight, scale, zero = _full_rows(res, len(stacked), bounds, run.comm)
@@ -199,7 +213,8 @@ def _quantize_linears(group: list[WeightTarget], acc: HessianAccumulator, run: _
     for t in group:
         n = t.param.shape[0]
         t.param.data.copy_(weight[rows : rows + n].to(t.param.dtype))
-        run.state.add(t.name, t.kind, t.param.shape, scale[rows : rows + n].cpu(), zero[rows : rows + n].cpu())
+        scale_rows, zero_rows = scale[rows : rows + n].cpu(), zero[rows : rows + n].cpu()
+        run.state.add(t.name, t.kind, t.param.shape, scale_rows, zero_rows, bits)
         rows += n
 
 
@@ -275,18 +290,22 @@ def _save_block(path: Path, layer, state: QuantState, names: list[str]) -> None:
     tmp.replace(path)  # atomic: a block file exists only when complete
 
 
-def _load_block(path: Path, layer, state: QuantState, targets: list[WeightTarget]) -> None:
+def _load_block(path: Path, layer, state: QuantState, targets: list[WeightTarget], high: dict) -> None:
     tensors = load_file(str(path))
     layer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("layer.")})
     for t in targets:
-        state.add(t.name, t.kind, t.param.shape, tensors[f"q.{t.name}.scale"], tensors[f"q.{t.name}.zero"])
+        state.add(t.name, t.kind, t.param.shape, tensors[f"q.{t.name}.scale"], tensors[f"q.{t.name}.zero"],
+                  high.get(t.name))  # fmt: skip
 
 
-def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm: SingleRank) -> PassOutput:
-    """The pass in this process; with several ranks, on this rank's share of the calibration windows."""
+def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm: SingleRank,
+             high: dict | None = None) -> PassOutput:  # fmt: skip
+    """The pass in this process; with several ranks, on this rank's share of the calibration windows. `high`:
+    weights solved at their own bits (bits_budget's choice)."""
     adapter, device = ctx.adapter, ctx.device
     run = _Run(config, QuantState("gptq", config.bits, config.group_size, config.symmetric),
-               {"rtn_fallback_weights": 0, "experts_rtn_fallback": 0, "blocks_resumed": 0}, comm)  # fmt: skip
+               {"rtn_fallback_weights": 0, "experts_rtn_fallback": 0, "blocks_resumed": 0}, comm,
+               high=high or {})  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if ctx.resume_dir is not None and comm.rank == 0:
@@ -346,7 +365,7 @@ def _quantize_block(model, adapter, index: int, layer, batches, run: _Run, path:
     run.layer = index
     groups = [g for g in (selected(g, run.config.exclude) for g in adapter.block_linears(model, index)) if g]
     if run.comm.agree(path is not None and path.exists()):  # rank 0 decides: every rank loads the same file
-        _load_block(path, layer, run.state, [t for g in groups for t in g])
+        _load_block(path, layer, run.state, [t for g in groups for t in g], run.high)
         run.stats["blocks_resumed"] += 1
         return None
     parts = _dense_parts(adapter, model, index, groups) if run.config.true_sequential else None

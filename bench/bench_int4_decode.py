@@ -35,14 +35,14 @@ from dscompress.export.ort_runner import OrtLM
 from dscompress.models.load import load_model, load_tokenizer
 
 
-def export(stage: Path, out: Path, plain: bool = False) -> dict:
+def export(stage: Path, out: Path, plain: bool = False, level: int | None = None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     refusal = gqa.refusal
     if plain:
         gqa.refusal = lambda *_: "bench: standard ONNX attention"
     try:
-        return stage_export.export_stage(stage, "onnx-ort", out)
+        return stage_export.export_stage(stage, "onnx-ort", out, accuracy_level=level)
     finally:
         gqa.refusal = refusal
 
@@ -64,7 +64,8 @@ def scores(logits_of, windows: np.ndarray, reference: list[np.ndarray] | None) -
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline", type=Path, required=True)
-    ap.add_argument("--stage", action="append", required=True, help="label=stage directory (repeatable)")
+    ap.add_argument("--stage", action="append", required=True,
+                    help="label=stage directory[@accuracy_level] (repeatable)")  # fmt: skip
     ap.add_argument("--model", default="bundled:smollm2-135m-instruct", help="the rows' model name")
     ap.add_argument("--group-size", type=int, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-int4-decode"))
@@ -78,12 +79,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     windows = Corpus(DataSpec(eval=SplitSpec(samples=args.eval_windows, seq_len=256)), load_tokenizer(args.baseline))
     windows = windows.windows("eval").numpy().astype(np.int64)
-    graphs = [("fp32", args.baseline, False), ("fp32, standard attention", args.baseline, True)]
-    graphs += [(label, Path(path), False) for label, path in (s.split("=", 1) for s in args.stage)]
+    graphs = [("fp32", args.baseline, False, None), ("fp32, standard attention", args.baseline, True, None)]
+    for spec in args.stage:
+        label, path = spec.split("=", 1)
+        path, _, level = path.partition("@")
+        graphs.append((label, Path(path), False, int(level) if level else None))
     rows, lms, reference = [], {}, None
-    for label, stage, plain in graphs:
+    for label, stage, plain, level in graphs:
         out = args.work / label.replace(" ", "_").replace(",", "")
-        meta = export(stage, out, plain)
+        meta = export(stage, out, plain, level)
         lm = lms[label] = OrtLM(out, threads=args.threads, exact_qdq=False)
         ppl, kl, logps = scores(lambda w, lm=lm: lm.logits(torch.as_tensor(w)).numpy(), windows, reference)
         reference = reference or logps
@@ -92,7 +96,8 @@ def main() -> None:
             torch_ppl = scores(lambda w, m=model: m(torch.as_tensor(w)).logits.numpy(), windows, None)[0]
         fused = (meta.get("quantization") or {}).get("fused_matmulnbits", 0)
         rows.append({"label": label, "attention": meta.get("attention"), "ppl": ppl, "kl": kl,
-                     "torch_ppl": torch_ppl, "fused_matmulnbits": fused, "ms": []})  # fmt: skip
+                     "accuracy_level": level or 0, "torch_ppl": torch_ppl, "fused_matmulnbits": fused,
+                     "ms": []})  # fmt: skip
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "ms"}), flush=True)
     prompt = torch.as_tensor(windows[0, : args.prompt_len])
     for _ in range(args.reps):  # interleaved: every graph once per round
@@ -113,6 +118,7 @@ def _save(args, rows: list[dict]) -> None:
         ms = statistics.median(row["ms"])
         out.append({**common, "method": row["label"], "ppl": round(row["ppl"], 4), "kl": round(row["kl"], 5),
                     "torch_stage_ppl": round(row["torch_ppl"], 4), "attention": row["attention"],
+                    "accuracy_level": row["accuracy_level"],
                     "fused_matmulnbits": row["fused_matmulnbits"], "decode_ms_per_token": round(ms, 2),
                     "decode_ms_rounds": [round(m, 2) for m in row["ms"]],
                     "speedup_vs_fp32": round(fp32 / ms, 2)})  # fmt: skip

@@ -106,7 +106,13 @@ class Stage(Strict):
             raise ValueError(f"a stage takes exactly one pass, got {given or 'none'}; allowed: {', '.join(PASS_KEYS)}")
         if self.save_formats and given[0] not in PACKABLE:
             raise ValueError(f"save_formats needs a quantizing pass ({', '.join(PACKABLE)}), not {given[0]!r}")
-        if self.save_formats and self.gptq is not None and self.gptq.bits_budget is not None:
+        mixed = self.gptq is not None and self.gptq.bits_budget is not None
+        if mixed and self.onnx and "onnx" in self.onnx.targets:
+            raise ValueError(
+                "onnx.targets: a bits_budget stage has group-wise 8-bit weights, which the onnx target (TensorRT, "
+                "per-channel INT8) does not take; use onnx.targets: [onnx-ort] or remove bits_budget"
+            )
+        if self.save_formats and mixed:
             raise ValueError(
                 "save_formats: a bits_budget stage mixes 4- and 8-bit weights, and the packed formats written here "
                 "carry one bit width per checkpoint; remove save_formats (the stage's safetensors loads in stock "
@@ -248,6 +254,14 @@ def compatibility_notes(recipe: Recipe, has_experts: bool = False) -> list[str]:
     `validate` and `run` and kept in report.json. `has_experts`: the model has MoE expert stacks."""
     notes = []
     for i, stage in enumerate(recipe.stages):
+        mixed = stage.gptq is not None and stage.gptq.bits_budget is not None
+        if mixed and stage.onnx is not None and stage.onnx.accuracy_level != 4:
+            notes.append(
+                f"stages[{i}].onnx: ONNX Runtime's CPU MatMulNBits has no fast float kernel for 8-bit weights "
+                "(measured 16x slower per call than 4-bit), so this bits_budget stage decodes slower than fp32 on "
+                "CPUs at accuracy_level 0; accuracy_level: 4 makes it the fastest graph measured (2.38x fp32, "
+                "+0.26% perplexity on SmolLM2; docs/BENCHMARKS.md)"
+            )
         gptq = [f for f in stage.save_formats if f in ("gptq", "gptq_v2")]
         if has_experts and gptq:
             notes.append(

@@ -95,3 +95,11 @@ def test_the_sensitivity_from_a_layer_on_equals_the_kl_of_a_whole_forward():
             t.param.data.copy_(kept)
             assert scores[t.name] == pytest.approx(float((ref.exp() * (ref - logp)).sum(-1).mean()), rel=1e-3)
     assert set(scores) == {t.name for t in linears} and max(scores.values()) > 0
+
+
+def test_validate_refuses_the_tensorrt_target_and_notes_the_cpu_kernel(tmp_path):
+    trt = STAGE.format(budget=5.0).replace("[onnx-ort]", "[onnx-ort, onnx]")
+    result = cli("validate", str(tiny_recipe(tmp_path / "a.yaml", "tiny:qwen2", trt)))
+    assert result.returncode == EXIT_BAD_INPUT and "per-channel INT8" in result.stderr, result.stderr
+    result = cli("validate", str(tiny_recipe(tmp_path / "b.yaml", "tiny:qwen2", STAGE.format(budget=5.0))))
+    assert result.returncode == 0 and "accuracy_level: 4" in result.stdout + result.stderr

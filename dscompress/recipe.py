@@ -99,6 +99,11 @@ class Stage(Strict):
         description="also write packed checkpoints of a quantized stage into <stage>/packed/<format>/",
     )
 
+    @property
+    def mixed_bits(self) -> bool:
+        """A gptq stage with bits_budget: 4- and 8-bit weights side by side."""
+        return self.gptq is not None and self.gptq.bits_budget is not None
+
     @model_validator(mode="after")
     def _exactly_one_pass(self):
         given = [k for k in PASS_KEYS if getattr(self, k) is not None]
@@ -106,13 +111,12 @@ class Stage(Strict):
             raise ValueError(f"a stage takes exactly one pass, got {given or 'none'}; allowed: {', '.join(PASS_KEYS)}")
         if self.save_formats and given[0] not in PACKABLE:
             raise ValueError(f"save_formats needs a quantizing pass ({', '.join(PACKABLE)}), not {given[0]!r}")
-        mixed = self.gptq is not None and self.gptq.bits_budget is not None
-        if mixed and self.onnx and "onnx" in self.onnx.targets:
+        if self.mixed_bits and self.onnx and "onnx" in self.onnx.targets:
             raise ValueError(
                 "onnx.targets: a bits_budget stage has group-wise 8-bit weights, which the onnx target (TensorRT, "
                 "per-channel INT8) does not take; use onnx.targets: [onnx-ort] or remove bits_budget"
             )
-        if self.save_formats and mixed:
+        if self.save_formats and self.mixed_bits:
             raise ValueError(
                 "save_formats: a bits_budget stage mixes 4- and 8-bit weights, and the packed formats written here "
                 "carry one bit width per checkpoint; remove save_formats (the stage's safetensors loads in stock "
@@ -254,8 +258,7 @@ def compatibility_notes(recipe: Recipe, has_experts: bool = False) -> list[str]:
     `validate` and `run` and kept in report.json. `has_experts`: the model has MoE expert stacks."""
     notes = []
     for i, stage in enumerate(recipe.stages):
-        mixed = stage.gptq is not None and stage.gptq.bits_budget is not None
-        if mixed and stage.onnx is not None and stage.onnx.accuracy_level != 4:
+        if stage.mixed_bits and stage.onnx is not None and stage.onnx.accuracy_level != 4:
             notes.append(
                 f"stages[{i}].onnx: ONNX Runtime's CPU MatMulNBits has no fast float kernel for 8-bit weights "
                 "(measured 16x slower per call than 4-bit), so this bits_budget stage decodes slower than fp32 on "

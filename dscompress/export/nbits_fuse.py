@@ -28,11 +28,12 @@ def fuse_siblings(proto: onnx.ModelProto) -> int:
                 key = (node.input[0], attrs["K"], attrs["bits"], attrs["block_size"], attrs.get("accuracy_level", 0),
                        len(node.input))  # fmt: skip
                 groups[key].append(node)
-    replaced, dropped = {}, set()
+    replaced, dropped, removed = {}, set(), 0
     for nodes in groups.values():
         if len(nodes) > 1:
             replaced[nodes[0].name] = _fused(nodes, inits, graph)
             dropped |= {n.name for n in nodes}
+            removed += len(nodes) - 1
     if not replaced:
         return 0
     new_nodes = []
@@ -41,7 +42,6 @@ def fuse_siblings(proto: onnx.ModelProto) -> int:
             new_nodes.extend(replaced[node.name])
         elif node.name not in dropped:
             new_nodes.append(node)
-    removed = len(graph.node) - len(new_nodes) + len(replaced)  # each group became MatMulNBits + Split
     del graph.node[:]
     graph.node.extend(new_nodes)
     used = {i for n in graph.node for i in n.input}

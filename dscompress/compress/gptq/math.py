@@ -36,6 +36,12 @@ class HessianAccumulator:
         self.n = 0
         self.fast = fast
 
+    def copy(self) -> HessianAccumulator:
+        """An accumulator with its own copy of H (a solve consumes the Hessian it is given)."""
+        twin = HessianAccumulator.__new__(HessianAccumulator)
+        twin.H, twin.n, twin.fast = self.H.clone(), self.n, self.fast
+        return twin
+
     def add(self, x: torch.Tensor) -> None:
         """x: (..., in) activations feeding the weight."""
         x = x.reshape(-1, x.shape[-1])  # (n, in)

@@ -193,12 +193,7 @@ def _quantize_linears(group: list[WeightTarget], acc: HessianAccumulator, run: _
     widths = sorted({run.high.get(t.name, run.config.bits) for t in group})
     for i, bits in enumerate(widths):
         part = [t for t in group if run.high.get(t.name, run.config.bits) == bits]
-        if i < len(widths) - 1:  # the solve consumes the Hessian; the next width gets its own copy
-            copy = HessianAccumulator.__new__(HessianAccumulator)
-            copy.__dict__ |= acc.__dict__ | {"H": acc.H.clone()}
-            _solve_linears(part, copy, run, bits)
-        else:
-            _solve_linears(part, acc, run, bits)
+        _solve_linears(part, acc.copy() if i < len(widths) - 1 else acc, run, bits)  # the last width consumes H
 
 
 def _solve_linears(group: list[WeightTarget], acc: HessianAccumulator, run: _Run, bits: int) -> None:

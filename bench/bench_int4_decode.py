@@ -8,9 +8,10 @@ Every stage is exported by dscompress' onnx-ort exporter as it ships (GroupQuery
 MatMulNBits); the fp32 baseline is exported twice, with that graph and with standard ONNX attention (`--plain`:
 the graph before GroupQueryAttention), so both ratios are on record. Decode is the median over `--reps`
 interleaved rounds of greedy runs of `--new-tokens` tokens after a `--prompt-len`-token prompt, through the
-KV-cache loop `dscompress generate` uses. Rows are appended to --out with the fields of int4_accuracy.json
-(model, tool, method, group_size, split, ppl, baseline_ppl, kl) plus decode_ms_per_token and
-fp32_decode_ms_per_token.
+KV-cache loop `dscompress generate` uses. The torch stage's perplexity is the stage's own (a stage with
+`activations: int8` quantizes its activations as MatMulNBits does at accuracy_level 4, which its export uses).
+Rows are appended to --out with the fields of int4_accuracy.json (model, tool, method, group_size, split, ppl,
+baseline_ppl, kl) plus decode_ms_per_token and fp32_decode_ms_per_token.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dscompress.calibrate.spec import DataSpec, SplitSpec
 from dscompress.export import gqa, stage_export
 from dscompress.export.ort_runner import OrtLM
 from dscompress.models.load import load_model, load_tokenizer
+from dscompress.quant.actquant import attach_saved
 
 
 def export(stage: Path, out: Path, plain: bool = False, level: int | None = None) -> dict:
@@ -92,12 +94,13 @@ def main() -> None:
         ppl, kl, logps = scores(lambda w, lm=lm: lm.logits(torch.as_tensor(w)).numpy(), windows, reference)
         reference = reference or logps
         model = load_model(stage).eval()
+        attach_saved(model, stage)  # a stage with activations: int8 computes them as the kernel does
         with torch.no_grad():
             torch_ppl = scores(lambda w, m=model: m(torch.as_tensor(w)).logits.numpy(), windows, None)[0]
         fused = (meta.get("quantization") or {}).get("fused_matmulnbits", 0)
         rows.append({"label": label, "attention": meta.get("attention"), "ppl": ppl, "kl": kl,
-                     "accuracy_level": level or 0, "torch_ppl": torch_ppl, "fused_matmulnbits": fused,
-                     "ms": []})  # fmt: skip
+                     "accuracy_level": meta.get("accuracy_level", 0), "torch_ppl": torch_ppl,
+                     "fused_matmulnbits": fused, "ms": []})  # fmt: skip
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "ms"}), flush=True)
     prompt = torch.as_tensor(windows[0, : args.prompt_len])
     for _ in range(args.reps):  # interleaved: every graph once per round
@@ -106,10 +109,19 @@ def main() -> None:
     _save(args, rows)
 
 
+def _cpu() -> str:
+    """The CPU's model name and the instruction sets MatMulNBits' kernels choose between."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{name}, {' '.join(isa) or platform.machine()}"
+
+
 def _save(args, rows: list[dict]) -> None:
     fp32 = statistics.median(rows[0]["ms"])
     common = {"model": args.model, "tool": "dscompress", "group_size": args.group_size, "split": "pydoc",
-              "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cores (CPU)",
+              "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cores (CPU: {_cpu()})",
               "command": " ".join(sys.argv), "threads": args.threads, "eval_windows": f"{args.eval_windows} x 256",
               "runtime": "onnx-ort (ONNX Runtime, our KV-cache loop)",
               "baseline_ppl": round(rows[0]["ppl"], 4), "fp32_decode_ms_per_token": round(fp32, 2)}  # fmt: skip

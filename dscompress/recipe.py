@@ -135,6 +135,30 @@ class Stage(Strict):
         return self
 
     @property
+    def int8_blocks(self) -> bool:
+        """A weight-only stage with `activations: int8` (MatMulNBits' int8 path, accuracy_level 4)."""
+        weight_only = self.gptq or self.rtn
+        return weight_only is not None and weight_only.activations == "int8"
+
+    @model_validator(mode="after")
+    def _int8_blocks_export(self):
+        if not self.int8_blocks or self.onnx is None:
+            return self
+        key = "gptq" if self.gptq is not None else "rtn"
+        if "onnx" in self.onnx.targets:
+            raise ValueError(
+                f"onnx.targets: {key}.activations: int8 quantizes activations per block inside ONNX Runtime's "
+                "MatMulNBits, and the onnx target (TensorRT) quantizes them per tensor; use onnx.targets: "
+                f"[onnx-ort] (or ort-genai), or {key}.activations: float"
+            )
+        if self.onnx.accuracy_level not in (None, 4):
+            raise ValueError(
+                f"onnx.accuracy_level: {self.onnx.accuracy_level} with {key}.activations: int8, which is "
+                "MatMulNBits at accuracy_level 4; remove accuracy_level (4 is used) or set activations: float"
+            )
+        return self
+
+    @property
     def pass_key(self) -> str:
         return next(k for k in PASS_KEYS if getattr(self, k) is not None)
 
@@ -258,12 +282,19 @@ def compatibility_notes(recipe: Recipe, has_experts: bool = False) -> list[str]:
     `validate` and `run` and kept in report.json. `has_experts`: the model has MoE expert stacks."""
     notes = []
     for i, stage in enumerate(recipe.stages):
-        if stage.mixed_bits and stage.onnx is not None and stage.onnx.accuracy_level != 4:
+        if stage.mixed_bits and stage.onnx is not None and not stage.int8_blocks and stage.onnx.accuracy_level != 4:
             notes.append(
                 f"stages[{i}].onnx: ONNX Runtime's CPU MatMulNBits has no fast float kernel for 8-bit weights "
                 "(measured 16x slower per call than 4-bit), so this bits_budget stage decodes slower than fp32 on "
-                "CPUs at accuracy_level 0; accuracy_level: 4 makes it the fastest graph measured (2.38x fp32, "
-                "+0.26% perplexity on SmolLM2; docs/BENCHMARKS.md)"
+                "CPUs at accuracy_level 0; gptq.activations: int8 runs its int8 path (accuracy_level 4), the "
+                "fastest graph measured, with the stage computing the same (docs/BENCHMARKS.md)"
+            )
+        weight_only = stage.gptq is not None or stage.rtn is not None
+        if weight_only and stage.onnx is not None and stage.onnx.accuracy_level == 4 and not stage.int8_blocks:
+            notes.append(
+                f"stages[{i}].onnx.accuracy_level: 4 quantizes activations to int8 inside MatMulNBits, which this "
+                f"stage's gate does not see (it measures float activations; the parity check measures the drift); "
+                f"{stage.pass_key}.activations: int8 makes the stage compute what the graph runs"
             )
         gptq = [f for f in stage.save_formats if f in ("gptq", "gptq_v2")]
         if has_experts and gptq:

@@ -61,7 +61,7 @@ from dscompress.models.load import load_model, load_tokenizer
 from dscompress.models.sources import resolve
 from dscompress.models.stream import load_streamed, place, stream_of
 from dscompress.plan import check_against_model
-from dscompress.quant.actquant import attach_saved, detach
+from dscompress.quant.actquant import attach, attach_saved, detach
 from dscompress.quant.qstate import QUANT_JSON, QUANT_TENSORS, QuantState, deployed_bytes
 from dscompress.recipe import Recipe, Stage, compatibility_notes
 from dscompress.registry import spec_for
@@ -266,6 +266,8 @@ class Runner:
             result = spec.apply(model, stage.pass_config, ctx)
             if result.quant_invalidated or (result.quant is not None and not result.quant.activations):
                 detach(result.model)  # new weight-only metadata replaces the input's W8A8
+            elif result.quant is not None and result.quant.block_activations:
+                attach(result.model, result.quant)  # activations: int8, evaluated as MatMulNBits computes them
             t2 = time.perf_counter()
             model = place(result.model, self.device).eval()
             record.metrics = evaluate(

@@ -248,6 +248,11 @@ def check_exportable(quant: QuantState | None, target: str, opset: int = OPSET) 
             "dynamic per-token int8 activations run in ONNX Runtime; TensorRT's INT8 is static, per tensor. Fix: "
             "export with --format onnx-ort, or quantize with int8.activations: static"
         )
+    if quant.block_activations and target not in ORT_TARGETS:
+        raise ExportError(
+            "activations: int8 (per block, inside MatMulNBits) runs in ONNX Runtime; TensorRT quantizes "
+            "activations per tensor. Fix: export with --format onnx-ort, or quantize with activations: float"
+        )
     if quant.bits not in (4, 8):
         raise ExportError(f"{quant.bits}-bit weights have no ONNX integer type here; export 4- or 8-bit stages")
     if quant.mixed and target not in ORT_TARGETS:
@@ -286,10 +291,11 @@ def quantize_graph(model_proto: onnx.ModelProto, model: torch.nn.Module, quant: 
         name, weight = hit
         prefix = f"{name}.weight_q"
         used_weights.add(init.name)
-        if target in ORT_TARGETS and (quant.bits_of(name) == 4 or quant.mixed):  # mixed: 8-bit ones too
+        act = quant.activations.get(name) or {"precision": "float"}
+        # MatMulNBits: every 4-bit weight, and the 8-bit ones of mixed stages and of activations: int8
+        if target in ORT_TARGETS and (quant.bits_of(name) == 4 or quant.mixed or act.get("mode") == "block"):
             nodes.append(rw.matmul_nbits(node, name, weight, prefix))
             continue
-        act = quant.activations.get(name) or {"precision": "float"}
         a = node.input[0]
         if rotation := quant.targets[name].get("rotation"):  # the codes are in the rotated basis
             a = rw.hadamard(a, *rotation)

@@ -33,10 +33,10 @@ from dscompress.gates import Verdict, greedy_verdict, parity_verdicts
 from dscompress.models.load import load_model
 from dscompress.quant.qstate import QuantState
 
-# MatMulNBits' accuracy_level for the ONNX Runtime targets unless asked otherwise. Measured on SmolLM2 INT4 g64 on 2
-# CPU threads (docs/BENCHMARKS.md, "ONNX Runtime GenAI"): 4 (int8 activations) decoded no faster (11.84 vs 11.93
-# ms/token in our loop, 10.28 vs 10.02 under ORT GenAI; run-to-run spread about 20%) at +0.002% perplexity, so the
-# default keeps the float-activation arithmetic; `accuracy_level: 4` is there for CPUs where it pays.
+# MatMulNBits' accuracy_level for the ONNX Runtime targets unless asked otherwise: 0 keeps the float-activation
+# arithmetic the stage computed. Level 4 (int8 activations) is what a stage with `activations: int8` computes, and
+# is then always used; its speed depends on the CPU (docs/BENCHMARKS.md: no faster on an AVX2 EPYC at 2026-11-30,
+# 1.6x faster per token on an AVX-512 VNNI Xeon at 2026-12-02).
 ACCURACY_LEVEL = 0
 
 
@@ -49,10 +49,9 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
     if (fp16 or accuracy_level is not None) and target not in ORT_TARGETS:
         raise ExportError("fp16 and accuracy_level are options of the ONNX Runtime targets (onnx-ort, ort-genai); "
                           "the onnx target keeps float32 around its Q/DQ nodes")  # fmt: skip
-    if accuracy_level is None:
-        accuracy_level = ACCURACY_LEVEL if target in ORT_TARGETS else 0
     quant = QuantState.load(stage)
     check_exportable(quant, target, opset)  # from quantization.json alone, before minutes of exporting
+    accuracy_level = _accuracy_level(quant, target, accuracy_level)
     if fp16 and quant is not None and quant.dynamic_activations:
         raise ExportError("fp16 does not apply to dynamic int8 activations (their scales and codes are computed in "
                           "float32 beside the int8 MatMuls); export without --fp16")  # fmt: skip
@@ -115,6 +114,22 @@ def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset:
         write_config(out, stage, meta, max_length=2048)
     meta["graph"] = "dscompress (torch.onnx dynamo export)"
     return _finish(stage, out, meta)
+
+
+def _accuracy_level(quant: QuantState | None, target: str, asked: int | None) -> int:
+    """MatMulNBits' accuracy_level: 4 for a stage that computes int8 activations per block (it is that
+    arithmetic), else what was asked, else ACCURACY_LEVEL."""
+    if quant is not None and quant.block_activations:
+        if asked not in (None, 4):
+            raise ExportError(
+                f"accuracy_level {asked}: this stage quantizes activations to int8 per block (activations: int8), "
+                "which is MatMulNBits at accuracy_level 4; another level computes a different model. Fix: drop "
+                "accuracy_level (4 is used), or re-run the stage with activations: float"
+            )
+        return 4
+    if asked is None:
+        return ACCURACY_LEVEL if target in ORT_TARGETS else 0
+    return asked
 
 
 def _finish(stage: Path, out: Path, meta: dict) -> dict:

@@ -12,8 +12,15 @@ Dynamic, per token (ONNX Runtime on CPUs, the `onnx-ort` target), with the scale
     s_t = max(max_j |x_tj| * float32(1/127), 1e-8),   x_q = round(x / s_t) * s_t      (codes in [-127, 127])
 
 in the same float32 operations, in the same order, as the exported graph (export/onnx_quant.py), so both round
-alike. Layers whose activations fell back keep no hook (W8A16). The hooks live on one `ActivationQuant` object per
-model; nothing is global.
+alike. Layers whose activations fell back keep no hook (W8A16).
+
+Per block (weight-only stages with `activations: int8`: ONNX Runtime's MatMulNBits at accuracy_level 4 computes it
+inside the kernel), for each `block` inputs along K:
+
+    q = rint(x * float32(127 / amax)),   x_q = q * float32(amax / 127),   amax = max |x| over the block (0: q = 0)
+
+bit-exact against the kernel's own quantized inputs (tests/quant/test_actquant_blocks.py). The hooks live on one
+`ActivationQuant` object per model; nothing is global.
 """
 
 from __future__ import annotations
@@ -43,6 +50,16 @@ def per_token_scale(x: torch.Tensor) -> torch.Tensor:
     return (amax * torch.tensor(INV_127, dtype=torch.float32)).clamp_min(SCALE_FLOOR)
 
 
+def fake_quant_int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """MatMulNBits' int8 quantization of its input at accuracy_level 4, per `block` values of the last axis. The
+    inverse is a true float32 division 127 / amax (torch's scalar / tensor multiplies by a reciprocal instead,
+    which rounds differently)."""
+    xb = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
+    return (torch.round(xb * inverse) * (amax / 127)).reshape(x.shape).to(x.dtype)
+
+
 def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
     scale = per_token_scale(x)
     return (torch.round(x.float() / scale) * scale).to(x.dtype)
@@ -54,6 +71,7 @@ class ActivationQuant:
     def __init__(self, model: nn.Module):
         self.model = model
         self.scales: dict[str, float | None] = {}  # None: dynamic, per token
+        self.blocks: dict[str, int] = {}  # per block of this many inputs (MatMulNBits' int8 path)
         self.rotations: dict[str, tuple[int, int]] = {}  # online block Hadamard around the quantizer (hadamard.py)
         self.handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
 
@@ -63,6 +81,9 @@ class ActivationQuant:
     def set_dynamic(self, name: str) -> None:
         self.scales[name] = None
 
+    def set_blocks(self, name: str, block: int) -> None:
+        self.scales[name], self.blocks[name] = None, int(block)
+
     def set_rotation(self, name: str, factors) -> None:
         self.rotations[name] = (int(factors[0]), int(factors[1]))
 
@@ -70,10 +91,10 @@ class ActivationQuant:
         for name in names:
             if name in self.handles:
                 continue
-            scale, rot = self.scales[name], self.rotations.get(name)
+            scale, rot, block = self.scales[name], self.rotations.get(name), self.blocks.get(name)
             module = self.model.get_submodule(name)
             self.handles[name] = module.register_forward_pre_hook(
-                lambda m, args, s=scale, r=rot: _quant_args(args, s, r)
+                lambda m, args, s=scale, r=rot, b=block: _quant_args(args, s, r, b)
             )
 
     def disable(self, names=None) -> None:
@@ -87,11 +108,14 @@ class ActivationQuant:
         return sorted(self.handles)
 
 
-def _quant_args(args: tuple, scale: float | None, rotation: tuple[int, int] | None) -> tuple:
+def _quant_args(args: tuple, scale: float | None, rotation: tuple[int, int] | None, block: int | None = None) -> tuple:
     """x -> Q(x), or with an online rotation M (M @ M = I): x -> Q(x M) M, so that the stored weight W' = W_q M
     computes W_q Q(x M): the int8 product in the rotated basis."""
     x = args[0] if rotation is None else rotate(args[0], *rotation)
-    x = fake_quant_int8_per_token(x) if scale is None else fake_quant_int8(x, scale)
+    if block is not None:
+        x = fake_quant_int8_blocks(x, block)
+    else:
+        x = fake_quant_int8_per_token(x) if scale is None else fake_quant_int8(x, scale)
     return (x if rotation is None else rotate(x, *rotation), *args[1:])
 
 
@@ -120,7 +144,9 @@ def attach(model: nn.Module, state: QuantState | None) -> list[str]:
     for name in names:
         if rotation := state.targets.get(name, {}).get("rotation"):
             aq.set_rotation(name, rotation)
-        if state.activations[name].get("mode") == "dynamic":
+        if state.activations[name].get("mode") == "block":
+            aq.set_blocks(name, state.activations[name]["block"])
+        elif state.activations[name].get("mode") == "dynamic":
             aq.set_dynamic(name)
         else:
             aq.set_scale(name, float(state.tensors[f"{name}.input_scale"]))

@@ -35,12 +35,24 @@ class QuantState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # "<name>.scale" / "<name>.zero"
     # W8A8 stages: Linear name -> {"precision": "int8" | "float", "mode": "static" | "dynamic", "site",
     # "threshold", "sensitivity"}; static int8 ones have a "<name>.input_scale" tensor (float32 scalar, symmetric,
-    # zero point 0); dynamic ones are quantized per token at run time (quant/actquant.py).
+    # zero point 0); dynamic ones are quantized per token at run time (quant/actquant.py). Weight-only passes with
+    # `activations: int8`: every target {"precision": "int8", "mode": "block", "block": group_size}, MatMulNBits'
+    # int8 path (compress/activations_config.py).
     activations: dict[str, dict] = field(default_factory=dict)
 
     @property
     def dynamic_activations(self) -> bool:
         return any(a.get("mode") == "dynamic" and a["precision"] == "int8" for a in self.activations.values())
+
+    @property
+    def block_activations(self) -> bool:
+        return any(a.get("mode") == "block" for a in self.activations.values())
+
+    def set_block_activations(self) -> None:
+        """Every target's input quantized to int8 per block of group_size at run time (MatMulNBits at
+        accuracy_level 4)."""
+        for name in self.targets:
+            self.activations[name] = {"precision": "int8", "mode": "block", "block": self.group_size}
 
     @property
     def mixed(self) -> bool:
@@ -81,7 +93,8 @@ class QuantState:
             meta["activations"] = self.activations
             meta["activation_convention"] = (
                 "static: x_q = clamp(round(x / input_scale), -128, 127), zero point 0; dynamic: per token, "
-                "s = max(max|x| * float32(1/127), 1e-8), x_q = round(x / s)"
+                "s = max(max|x| * float32(1/127), 1e-8), x_q = round(x / s); block: per `block` inputs along K, "
+                "q = rint(x * float32(127 / max|x|)) (0 where max|x| is 0), x_q = q * float32(max|x| / 127)"
             )
         (directory / QUANT_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         save_file(self.tensors, str(directory / QUANT_TENSORS), metadata={"format": "dscompress-qstate"})

@@ -99,6 +99,10 @@ class Job:
 
 def prepare(model, config, ctx) -> Job:
     """Every refusal before any training: W8A8 students, unknown teachers, vocabulary mismatch."""
+    if ctx.quant is not None and ctx.quant.block_activations:
+        raise RecipeError("distill: the input stage quantizes its activations to int8 (activations: int8), whose "
+                          "rounding passes no gradient; distill a stage with activations: float and set "
+                          "activations: int8 on a quantizing stage after it")  # fmt: skip
     if ctx.quant is not None and ctx.quant.activations:
         raise RecipeError("distill: the input is a W8A8 stage whose activation scales were calibrated on its "
                           "current weights; distill before the int8 stage and quantize afterwards")  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from dscompress.compress import cluster
+from dscompress.compress.activations_config import check_activations, declare_int8_blocks
 from dscompress.compress.gptq import dist
 from dscompress.compress.gptq.budget import allocate
 from dscompress.compress.gptq.config import GPTQConfig
@@ -20,11 +21,18 @@ from dscompress.models.stream import stream_of
 
 
 def check(config: GPTQConfig, info) -> list[tuple[str, str]]:
-    """The same pre-flight rules as rtn: the group size divides every quantized width; rotation fits the model."""
-    return check_group_size(config, info) + check_rotate(config, info)
+    """The same pre-flight rules as rtn: the group size divides every quantized width; rotation fits the model;
+    int8 activations have no expert stacks to quantize."""
+    return check_group_size(config, info) + check_rotate(config, info) + check_activations(config, info)
 
 
 def apply(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext) -> PassOutput:
+    out = _apply(model, config, ctx)
+    declare_int8_blocks(out.quant, config, "gptq")
+    return out
+
+
+def _apply(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext) -> PassOutput:
     if cluster.launched():  # started by torchrun: every rank of the launcher's group takes part; `devices` unused
         if config.bits_budget is not None:
             raise RecipeError("gptq.bits_budget: under torchrun every rank reads its layers from the checkpoint on "

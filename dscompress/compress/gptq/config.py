@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from dscompress.compress.activations_config import Activations, activations_field, int8_blocks_problem
 from dscompress.compress.rotation_config import rotate_field
 from dscompress.compress.selection import WithExclude
 
@@ -42,6 +43,7 @@ class GPTQConfig(WithExclude):
         "diag(H)-weighted rounding error is least, instead of the full range",
     )
     rotate: bool = rotate_field()
+    activations: Activations = activations_field()
     bits_budget: float | None = Field(
         None,
         gt=0,
@@ -70,6 +72,12 @@ class GPTQConfig(WithExclude):
                 f"rotate rewrites the whole model before the solve, and devices: {self.devices} starts workers that "
                 "read the layers from the checkpoint on disk; set devices: 1 or rotate: false"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _int8_blocks_fit(self):
+        if problem := int8_blocks_problem(self.activations, self.bits, self.group_size):
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from dscompress.compress.activations_config import Activations, activations_field, int8_blocks_problem
 from dscompress.compress.rotation_config import rotate_field
 from dscompress.compress.selection import WithExclude
 
@@ -19,3 +20,10 @@ class RTNConfig(WithExclude):
     )
     symmetric: bool = Field(True, description="symmetric grid (zero point 2**(bits-1)) or asymmetric")
     rotate: bool = rotate_field()
+    activations: Activations = activations_field()
+
+    @model_validator(mode="after")
+    def _int8_blocks_fit(self):
+        if problem := int8_blocks_problem(self.activations, self.bits, self.group_size):
+            raise ValueError(problem)
+        return self

@@ -102,4 +102,7 @@ def test_validate_refuses_the_tensorrt_target_and_notes_the_cpu_kernel(tmp_path)
     result = cli("validate", str(tiny_recipe(tmp_path / "a.yaml", "tiny:qwen2", trt)))
     assert result.returncode == EXIT_BAD_INPUT and "per-channel INT8" in result.stderr, result.stderr
     result = cli("validate", str(tiny_recipe(tmp_path / "b.yaml", "tiny:qwen2", STAGE.format(budget=5.0))))
-    assert result.returncode == 0 and "accuracy_level: 4" in result.stdout + result.stderr
+    assert result.returncode == 0 and "gptq.activations: int8 runs its int8 path" in result.stdout + result.stderr
+    with_int8 = STAGE.format(budget=5.0).replace("exclude:", "activations: int8, exclude:")
+    result = cli("validate", str(tiny_recipe(tmp_path / "c.yaml", "tiny:qwen2", with_int8)))
+    assert result.returncode == 0 and "int8 path" not in result.stdout + result.stderr

@@ -16,7 +16,6 @@ from typing import Literal
 
 from pydantic import Field
 
-ACTIVATIONS = ("float", "int8")
 KERNEL_BITS = (4, 8)  # the widths our MatMulNBits export writes
 
 

@@ -36,14 +36,14 @@ from dscompress.quant.qstate import QuantState
 # MatMulNBits' accuracy_level for the ONNX Runtime targets unless asked otherwise: 0 keeps the float-activation
 # arithmetic the stage computed. Level 4 (int8 activations) is what a stage with `activations: int8` computes, and
 # is then always used; its speed depends on the CPU (docs/BENCHMARKS.md: no faster on an AVX2 EPYC at 2026-11-30,
-# 1.6x faster per token on an AVX-512 VNNI Xeon at 2026-12-02).
+# 1.75x faster per token on an AVX-512 VNNI Xeon at 2026-12-02).
 ACCURACY_LEVEL = 0
 
 
 def export_stage(stage: Path, target: str, out: Path, fp16: bool = False, opset: int = OPSET,
                  accuracy_level: int | None = None) -> dict:  # fmt: skip
     """Write `target` for the checkpoint in `stage` into `out`; returns export.json's content. accuracy_level:
-    MatMulNBits' for the ONNX Runtime targets (None: ACCURACY_LEVEL)."""
+    MatMulNBits' for the ONNX Runtime targets (None: 4 for a stage with int8 activations, else ACCURACY_LEVEL)."""
     if target not in TARGETS:
         raise ExportError(f"unknown ONNX target {target!r}; allowed: {', '.join(TARGETS)}")
     if (fp16 or accuracy_level is not None) and target not in ORT_TARGETS:

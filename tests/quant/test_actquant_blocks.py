@@ -57,8 +57,8 @@ def _ties(m: int, k: int, block: int, rng) -> np.ndarray:
 
 @pytest.mark.parametrize("bits,block", [(4, 32), (4, 64), (8, 64), (4, 128)])
 def test_the_block_quantizer_is_the_kernels_own(bits, block):
-    """Measured here bit-exact (0 of 25,600 codes differ on inputs full of rounding ties, decode and prefill
-    shapes); a rule that rounds ties away from zero or multiplies by 1/scale differs in 4-30% of them."""
+    """Measured bit-exact when written (0 of 196,608 values per width and block, decode and prefill shapes, inputs
+    mostly rounding ties); a rule that rounds ties away from zero or multiplies by 1/scale differs in 4-36%."""
     k, rng = 512, np.random.default_rng(0)
     session = _identity_matmulnbits(k, block, bits)
     for m in (1, 3, 40):

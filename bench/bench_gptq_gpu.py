@@ -191,6 +191,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--expert-memory-share", type=float, default=None,
                     help="share of free accelerator memory for expert Hessians and batched solves")  # fmt: skip
     ap.add_argument("--kernel", choices=["auto", "torch"], default="auto", help="the gptq pass's `kernel` option")
+    ap.add_argument("--gptaq", type=float, default=0.0, help="the gptq pass's `gptaq` option (GPTAQ strength)")
+    ap.add_argument("--awq", action="store_true", help="the gptq pass's `awq` option (AWQ scaling first)")
     ap.add_argument("--fp8-dir", type=Path, default=None,
                     help="write the random model there as an FP8 block-scaled checkpoint, then quantize what "
                          "dscompress reads from it (conversion to bf16 timed separately)")  # fmt: skip
@@ -302,11 +304,13 @@ def quantize(args, model, device: torch.device) -> dict:
         windows = load_file(args.windows)["windows"]
     else:
         windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=torch.Generator())
-    config = GPTQConfig(bits=4, group_size=args.group_size, symmetric=True, batch_size=8, kernel=args.kernel)
+    config = GPTQConfig(bits=4, group_size=args.group_size, symmetric=True, batch_size=8, kernel=args.kernel,
+                        gptaq=args.gptaq, awq=args.awq)  # fmt: skip
     targets = list(adapter_for(model.config).weight_targets(model))
     free = torch.cuda.mem_get_info(device)[0] if cuda else None
     predicted = accelerator_peak([t for t in targets if t.layer >= 0], model.config.hidden_size, args.samples,
-                                 args.seq_len, config.batch_size, 1, 2, free)  # fmt: skip
+                                 args.seq_len, config.batch_size, 1, 2, free, awq=args.awq,
+                                 gptaq=bool(args.gptaq))  # fmt: skip
     largest_layer = max(layer_params(targets).values()) * 2
     output_dir = args.stream_dir if args.stream_from else None
     if output_dir:
@@ -332,6 +336,7 @@ def quantize(args, model, device: torch.device) -> dict:
         "layer_peak_accelerator_gib": out.summary["layer_peak_accelerator_gib"],
         "layer_seconds": out.summary["layer_seconds"],
         "expert_memory_share": solve.EXPERT_MEMORY_SHARE, "kernel": args.kernel, "torch": torch.__version__,
+        "gptaq": args.gptaq, "awq": args.awq,
     }  # fmt: skip
 
 

@@ -40,6 +40,7 @@ from dscompress.compress.rtn.config import RTNConfig
 from dscompress.context import StageContext
 from dscompress.models.load import load_model, load_tokenizer
 from dscompress.models.sources import resolve
+from dscompress.quant.actquant import attach
 from dscompress.quant.qstate import deployed_bytes
 
 HERE = Path(__file__).resolve().parent
@@ -49,19 +50,22 @@ METHOD = "awq+scale_estimation"  # NNCF's
 LLMC = ["llmcompressor==0.14.0.1", "transformers==5.17.0"]  # its pin: transformers <= 5.17
 
 
-METHODS = re.compile(r"^(rtn|gptq|gptq-clip)(-rot)?(-head)?(?:-b([0-9.]+))?$")
+METHODS = re.compile(r"^(rtn|gptq|gptq-clip)(-rot)?(-head)?(?:-b([0-9.]+))?(?:-aq([0-9.]+))?(-awq)?(-a8)?$")
 
 
 def ours(method: str, model_dir: Path, calibration: torch.Tensor, gs: int, sym: bool):
-    """`method`: rtn, gptq or gptq-clip, then `-rot` for the offline rotation first (rotate: true), `-head` for
-    lm_head quantized too (only the embedding excluded), `-b<bits>` for gptq's bits_budget (e.g. gptq-rot-head-b5).
-    Returns (model, seconds, deployed bytes)."""
+    """`method`: rtn, gptq or gptq-clip, then in this order: `-rot` for the offline rotation first (rotate: true),
+    `-head` for lm_head quantized too (only the embedding excluded), `-b<bits>` for gptq's bits_budget, `-aq<a>`
+    for gptq's GPTAQ at strength a, `-awq` for gptq's AWQ scaling first, `-a8` for `activations: int8` (scored with
+    MatMulNBits' int8 block quantizer on the Linears' inputs, as the stage computes it); e.g.
+    gptq-clip-rot-head-aq0.5-a8. Returns (model, seconds, deployed bytes)."""
     found = METHODS.match(method)
     if found is None:
         raise SystemExit(f"unknown method {method!r}; allowed: {METHODS.pattern}")
-    base, rotate, head, budget = found[1], bool(found[2]), bool(found[3]), found[4]
+    base, rotate, head, budget, gptaq, awq, a8 = found.groups()
+    rotate, head = bool(rotate), bool(head)
     model = load_model(model_dir)
-    common = dict(bits=4, group_size=gs, symmetric=sym, rotate=rotate)
+    common = dict(bits=4, group_size=gs, symmetric=sym, rotate=rotate, activations="int8" if a8 else "float")
     if head:
         common["exclude"] = ["embed_tokens"]
     with StageContext.standalone(model, calibration, quiet=True) as ctx:
@@ -70,8 +74,12 @@ def ours(method: str, model_dir: Path, calibration: torch.Tensor, gs: int, sym: 
             out = rtn_apply(model, RTNConfig(**common), ctx)
         else:
             extra = {"bits_budget": float(budget)} if budget else {}
+            extra |= {"gptaq": float(gptaq)} if gptaq else {}
+            extra |= {"awq": True} if awq else {}
             out = gptq_apply(model, GPTQConfig(**common, clip_search=base == "gptq-clip", **extra), ctx)
-    return out.model, time.perf_counter() - started, deployed_bytes(out.model, out.quant)
+    seconds = time.perf_counter() - started
+    attach(out.model, out.quant)  # `activations: int8`: the block quantizer hooks (none otherwise)
+    return out.model, seconds, deployed_bytes(out.model, out.quant)
 
 
 def main() -> None:

@@ -118,8 +118,8 @@ def _gptq_peak(recipe: Recipe, info: ModelInfo, cfg) -> dict:
     cal = recipe.data.calibration
     devices = cfg.devices if isinstance(cfg.devices, int) else 1
     return accelerator_peak(selected(info.targets, cfg.exclude), info.config.get_text_config().hidden_size,
-                            cal.samples, cal.seq_len, cfg.batch_size, devices,
-                            DTYPE_BYTES[recipe.model.dtype])  # fmt: skip
+                            cal.samples, cal.seq_len, cfg.batch_size, devices, DTYPE_BYTES[recipe.model.dtype],
+                            awq=cfg.awq, gptaq=bool(cfg.gptaq))  # fmt: skip
 
 
 def make_plan(recipe: Recipe, info: ModelInfo) -> dict:

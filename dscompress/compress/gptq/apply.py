@@ -37,6 +37,12 @@ def _apply(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext) -> Pas
         if config.bits_budget is not None:
             raise RecipeError("gptq.bits_budget: under torchrun every rank reads its layers from the checkpoint on "
                               "disk; run it as one process or remove bits_budget")  # fmt: skip
+        if config.awq or config.gptaq:
+            field = "awq" if config.awq else "gptaq"
+            raise RecipeError(
+                f"gptq.{field}: under torchrun each rank sees its share of the windows only, and {field} needs "
+                "all of them in one process; run it as one process or turn it off"
+            )
         if config.rotate:
             raise RecipeError(
                 "gptq.rotate: under torchrun every rank reads its layers from the checkpoint on disk, which the "

@@ -42,6 +42,22 @@ class GPTQConfig(WithExclude):
         description="static grids: clip each group's min-max range (a shrink of 1.0 down to 0.6) where the "
         "diag(H)-weighted rounding error is least, instead of the full range",
     )
+    awq: bool = Field(
+        False,
+        description="AWQ scaling before the solve: per activation site whose producer can absorb it (a norm, "
+        "up_proj, v_proj), the input channels with the largest mean |x| are scaled up in the weights and down "
+        "in the producer, the exponent searched per site on the calibration inputs; the float model is unchanged "
+        "and the checkpoint stays stock. One process",
+    )
+    gptaq: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="GPTAQ (asymmetric calibration): fit each weight so the quantized block, on the inputs the "
+        "quantized model gives it, reproduces the float block on the float model's inputs, correcting the error "
+        "of the blocks before it; the value scales that correction (0: plain GPTQ, 1: the full least-squares "
+        "target). Dense weights only, one process, true_sequential",
+    )
     rotate: bool = rotate_field()
     activations: Activations = activations_field()
     bits_budget: float | None = Field(
@@ -72,6 +88,25 @@ class GPTQConfig(WithExclude):
                 f"rotate rewrites the whole model before the solve, and devices: {self.devices} starts workers that "
                 "read the layers from the checkpoint on disk; set devices: 1 or rotate: false"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _awq_fits(self):
+        if self.awq and self.devices != 1:
+            raise ValueError(f"awq searches each block's scales on all calibration windows in this process, and "
+                             f"devices: {self.devices} starts workers; set devices: 1 or awq: false")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _gptaq_fits(self):
+        if not self.gptaq:
+            return self
+        if self.devices != 1:
+            raise ValueError(f"gptaq runs a float copy of each block beside the quantized one in this process, and "
+                             f"devices: {self.devices} starts workers; set devices: 1 or gptaq: 0")  # fmt: skip
+        if not self.true_sequential:
+            raise ValueError("gptaq fits each group of weights to the inputs the quantized weights before it give; "
+                             "set true_sequential: true or gptaq: 0")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -13,6 +13,9 @@ Only one block and the activations sit on the accelerator; the rest of the model
 Dense pre-norm blocks (every layer of Llama/Qwen2/Qwen3, DeepSeek's dense layers) take a shortcut with the same
 result, bit for bit: after one pass through attention, the MLP's inputs and the block's outputs are computed
 from the quantized weights directly (`_quantize_dense_layer`).
+With `awq`, each block's AWQ scales are searched and folded in first (awq.py). With `gptaq`, a float copy of
+each block runs beside it on the float model's inputs, and each group is solved towards the float outputs
+(gptaq.py; the generic per-group passes, not the dense shortcut).
 With `devices` > 1 the same `quantize` runs in one worker process per device, each on its share of the windows,
 exchanging Hessians and solved rows or experts (dist.py, ranks.py); apply.py chooses.
 """
@@ -26,13 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from dscompress.compress.gptq.awq import scale_block
 from dscompress.compress.gptq.batched import batchable, gptq_quantize_batched
+from dscompress.compress.gptq.blocks import block_path, load_block, save_block
 from dscompress.compress.gptq.config import GPTQConfig
+from dscompress.compress.gptq.gptaq import CrossAccumulator, FloatTwin, capture_input, shift_target
+from dscompress.compress.gptq.hessians import GroupHessians
 from dscompress.compress.gptq.math import HessianAccumulator, gptq_quantize
 from dscompress.compress.gptq.ranks import SingleRank
-from dscompress.compress.layerwise import StopForward, capture_layer_inputs, run_layer
+from dscompress.compress.layerwise import capture_layer_inputs, run_layer
 from dscompress.compress.selection import selected
 from dscompress.context import PassOutput, StageContext
 from dscompress.errors import RecipeError
@@ -52,54 +58,6 @@ EXPERT_MEMORY_SHARE = 0.06
 EXPERT_CPU_BUDGET = 8 << 30
 
 
-class _GroupHessians:
-    """Hooks that accumulate the Hessians of one weight group while its layer runs.
-
-    With `stop`, the hook ends the layer's forward once the group's input is recorded (true-sequential passes
-    need nothing after it), so collecting q/k/v costs a norm, not a whole layer.
-    """
-
-    def __init__(self, group: list[WeightTarget], device, stop: bool = False, hooks: bool = True, keep=None,
-                 experts: range | None = None, fast: bool = False):  # fmt: skip
-        self.group, self.handles, self.stop, self.keep = group, [], stop, keep
-        first = group[0]
-        if not hooks:  # the caller feeds self.acc itself
-            self.acc = HessianAccumulator(first.in_features, device, fast)
-            return
-        if first.kind == "linear":
-            self.acc = HessianAccumulator(first.in_features, device, fast)
-            self.handles.append(first.module.register_forward_pre_hook(self._linear_hook))
-        else:
-            self.experts = experts if experts is not None else range(first.param.shape[0])
-            self.accs = {e: HessianAccumulator(first.in_features, device, fast) for e in self.experts}
-            self.handles.append(first.module.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
-
-    def _experts_hook(self, module, args, kwargs):
-        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
-        hidden, index = values[0], values[1]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        for e, acc in self.accs.items():
-            rows = (index == e).any(-1)
-            x = hidden[rows]
-            if self.group[0].attr == "down_proj" and len(x):  # the expert's own intermediate activations
-                gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
-                x = module.act_fn(gate) * up
-            acc.add(x)
-        if self.stop:
-            raise StopForward
-
-    def _linear_hook(self, module, args):
-        self.acc.add(args[0])
-        if self.keep is not None:  # the caller reuses these inputs instead of recomputing them
-            self.keep.append(args[0])
-        if self.stop:
-            raise StopForward
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 @dataclass
 class _Run:
     """What every step of one GPTQ pass shares: the settings, the grid being built, counters and the ranks."""
@@ -114,6 +72,7 @@ class _Run:
     layer_peaks: list = field(default_factory=list)  # block -> {phase: accelerator peak bytes}
     peak: int = 0  # accelerator peak over the whole pass
     high: dict = field(default_factory=dict)  # bits_budget: weight name -> its own bits (the rest: config.bits)
+    twin: FloatTwin | None = None  # gptaq: the float model's side of the calibration
 
     def phase_peak(self, device: torch.device, phase: str) -> None:
         """The accelerator's peak since the last phase, kept for the current block; the pass's own peak."""
@@ -142,7 +101,7 @@ class _Run:
                     clip_search=c.clip_search)  # fmt: skip
 
 
-def _quantize_group(hess: _GroupHessians, run: _Run) -> None:
+def _quantize_group(hess: GroupHessians, run: _Run) -> None:
     if hess.group[0].kind == "linear":
         _quantize_linears(hess.group, run.comm.reduce(hess.acc), run)
     else:
@@ -271,28 +230,6 @@ def _exchange_expert(t: WeightTarget, e: int, mine: tuple | None, run: _Run) -> 
     return (*mine[:3], float(flag.item()))
 
 
-def _block_path(resume_dir: Path | None, index: int) -> Path | None:
-    return resume_dir / f"block-{index:04d}.safetensors" if resume_dir else None
-
-
-def _save_block(path: Path, layer, state: QuantState, names: list[str]) -> None:
-    tensors = {f"layer.{k}": v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
-    for name in names:
-        for part in ("scale", "zero"):
-            tensors[f"q.{name}.{part}"] = state.tensors[f"{name}.{part}"]
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)  # atomic: a block file exists only when complete
-
-
-def _load_block(path: Path, layer, state: QuantState, targets: list[WeightTarget], high: dict) -> None:
-    tensors = load_file(str(path))
-    layer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("layer.")})
-    for t in targets:
-        state.add(t.name, t.kind, t.param.shape, tensors[f"q.{t.name}.scale"], tensors[f"q.{t.name}.zero"],
-                  high.get(t.name))  # fmt: skip
-
-
 def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm: SingleRank,
              high: dict | None = None) -> PassOutput:  # fmt: skip
     """The pass in this process; with several ranks, on this rank's share of the calibration windows. `high`:
@@ -312,6 +249,7 @@ def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm
         batches = capture_layer_inputs(model, adapter, windows.tensor_split(comm.world)[comm.rank],
                                        config.batch_size, device)  # fmt: skip
         layers = adapter.layers(model)
+        run.twin = FloatTwin(batches) if config.gptaq else None
         layer_seconds, io_seconds = [], {"read": 0.0, "store": 0.0}
         for index in ctx.track(range(len(layers)), f"gptq int{config.bits} g{config.group_size}"):
             run.layer_peaks.append({})
@@ -319,10 +257,12 @@ def quantize(model: torch.nn.Module, config: GPTQConfig, ctx: StageContext, comm
             layer = stream.onload(index, device) if stream else layers[index].to(device)
             run.phase_peak(device, "load")
             io_seconds["read"] += time.perf_counter() - layer_started
-            outs = _quantize_block(model, adapter, index, layer, batches, run, _block_path(ctx.resume_dir, index))
+            outs = _quantize_block(model, adapter, index, layer, batches, run, block_path(ctx.resume_dir, index))
             if outs is None:
                 outs = run_layer(layer, batches)
             batches = [(out, kwargs) for out, (_, kwargs) in zip(outs, batches, strict=True)]
+            if run.twin is not None:
+                run.twin.advance()
             run.phase_peak(device, "solve")
             stored = time.perf_counter()
             if stream is None:
@@ -359,18 +299,29 @@ def _quantize_block(model, adapter, index: int, layer, batches, run: _Run, path:
     """Quantize (or resume) decoder block `index`; returns its outputs when the dense shortcut computed them."""
     run.layer = index
     groups = [g for g in (selected(g, run.config.exclude) for g in adapter.block_linears(model, index)) if g]
-    if run.comm.agree(path is not None and path.exists()):  # rank 0 decides: every rank loads the same file
-        _load_block(path, layer, run.state, [t for g in groups for t in g], run.high)
+    resumed = run.comm.agree(path is not None and path.exists())  # rank 0 decides: every rank loads that file
+    # AWQ keeps the float block's function; it reruns on a resumed block only for the float twin, whose copy is
+    # then the same scaled block (and its outputs the same bits) as in the uninterrupted run
+    if run.config.awq and (not resumed or run.twin is not None):
+        run.stats.setdefault("awq_exponents", {}).update(
+            scale_block(model, adapter, index, layer, batches, run.config, lambda n: run.high.get(n, run.config.bits))
+        )
+    if run.twin is not None:
+        run.twin.start(layer)  # the float block (with AWQ's scales, when the block is solved here)
+    if resumed:
+        load_block(path, layer, run.state, [t for g in groups for t in g], run.high)
         run.stats["blocks_resumed"] += 1
         return None
     parts = _dense_parts(adapter, model, index, groups) if run.config.true_sequential else None
     outs = None
-    if parts is not None:
+    if run.twin is not None:
+        _quantize_layer_gptaq(layer, groups, batches, run)
+    elif parts is not None:
         outs = _quantize_dense_layer(layer, groups, batches, parts, run)
     else:
         _quantize_layer(layer, groups, batches, run)
     if path is not None and run.comm.rank == 0:
-        _save_block(path, layer, run.state, [t.name for g in groups for t in g])
+        save_block(path, layer, run.state, [t.name for g in groups for t in g])
     return outs
 
 
@@ -378,27 +329,64 @@ def _quantize_layer(layer, groups, batches, run: _Run) -> None:
     device = batches[0][0].device
     if run.config.true_sequential:
         for group in groups:
-            for experts in _expert_chunks(group, device, run):
-                hess = _GroupHessians(group, device, stop=True, experts=experts, fast=run.fast)
-                run_layer(layer, batches)
-                hess.remove()
-                _quantize_group(hess, run)
+            _solve_in_turn(layer, group, batches, run)
         return
     # Every Hessian from the float layer: dense groups are recorded on the first pass and quantized last; the
     # experts come one chunk (the same experts in every stacked group) per pass, quantized after their pass.
-    dense = [_GroupHessians(g, device, fast=run.fast) for g in groups if g[0].kind == "linear"]
+    dense = [GroupHessians(g, device, fast=run.fast) for g in groups if g[0].kind == "linear"]
     stacked = [g for g in groups if g[0].kind != "linear"]
     chunk = min((expert_chunk(g[0], device, run.comm) for g in stacked), default=1)
     n_experts = max((g[0].param.shape[0] for g in stacked), default=1)
     for start in range(0, n_experts, chunk):
         experts = range(start, min(start + chunk, n_experts))
-        hessians = [_GroupHessians(g, device, experts=experts, fast=run.fast) for g in stacked]
+        hessians = [GroupHessians(g, device, experts=experts, fast=run.fast) for g in stacked]
         run_layer(layer, batches)
         for hess in (*hessians, *(dense if start == 0 else ())):
             hess.remove()
         for hess in hessians:
             _quantize_group(hess, run)
     for hess in dense:
+        _quantize_group(hess, run)
+
+
+def _quantize_layer_gptaq(layer, groups, batches, run: _Run) -> None:
+    """GPTAQ (gptaq.py), true-sequential: per group, batch by batch, the inputs of the block being solved and of
+    the float block; the group's weights move to the asymmetric target, then GPTQ's own solve. Expert stacks
+    are solved as plain GPTQ (counted in the report)."""
+    device = batches[0][0].device
+    for group in groups:
+        if group[0].kind != "linear":  # stacked experts: plain GPTQ (each expert sees only its routed tokens)
+            run.stats["gptaq_plain_expert_groups"] = run.stats.get("gptaq_plain_expert_groups", 0) + 1
+            _solve_in_turn(layer, group, batches, run)
+            continue
+        hess = GroupHessians(group, device, hooks=False, fast=run.fast)
+        cross = CrossAccumulator(group[0].in_features, device)
+        for i, batch in enumerate(batches):
+            x = capture_input(layer, group[0].module, batch)
+            hess.acc.add(x)
+            cross.add(run.twin.inputs(group[0].module, i), x)
+        _shift_group(group, hess.acc.H, cross, run)
+        _quantize_group(hess, run)
+
+
+def _shift_group(group: list[WeightTarget], H: torch.Tensor, cross: CrossAccumulator, run: _Run) -> None:
+    """The group's weights, stacked, moved to GPTAQ's target (one factorization of H for all of them)."""
+    stacked = torch.cat([t.param.detach().to(H.device) for t in group])
+    target = shift_target(stacked, H, cross, run.config.damp_frac, run.config.gptaq)
+    rows = 0
+    for t in group:
+        n = t.param.shape[0]
+        t.param.data.copy_(target[rows : rows + n].to(t.param.dtype))
+        rows += n
+
+
+def _solve_in_turn(layer, group: list[WeightTarget], batches, run: _Run) -> None:
+    """True-sequential GPTQ of one group: its Hessians from the layer as solved so far, then its solve."""
+    device = batches[0][0].device
+    for experts in _expert_chunks(group, device, run):
+        hess = GroupHessians(group, device, stop=True, experts=experts, fast=run.fast)
+        run_layer(layer, batches)
+        hess.remove()
         _quantize_group(hess, run)
 
 
@@ -440,12 +428,12 @@ def _quantize_dense_layer(layer, groups, batches, parts, run: _Run):
     o_group, mlp_group, down_group, post_norm, mlp = parts
     device = batches[0][0].device
     for group in groups[: groups.index(o_group)]:  # attention projections before o_proj: as usual
-        hess = _GroupHessians(group, device, stop=True, fast=run.fast)
+        hess = GroupHessians(group, device, stop=True, fast=run.fast)
         run_layer(layer, batches)
         hess.remove()
         _quantize_group(hess, run)
     attn_out: list[torch.Tensor] = []
-    hess = _GroupHessians(o_group, device, stop=True, keep=attn_out, fast=run.fast)
+    hess = GroupHessians(o_group, device, stop=True, keep=attn_out, fast=run.fast)
     run_layer(layer, batches)
     hess.remove()
     _quantize_group(hess, run)
@@ -455,11 +443,11 @@ def _quantize_dense_layer(layer, groups, batches, parts, run: _Run):
     for i, (_, kwargs) in enumerate(batches):  # the block's inputs are not read again (the outputs build on
         batches[i] = (None, kwargs)  # `residual`): freed before the MLP's solves; the caller keeps the kwargs
     # post_norm(h) is recomputed where needed rather than kept: one activation-sized list less at the peak
-    hess = _GroupHessians(mlp_group, device, hooks=False, fast=run.fast)
+    hess = GroupHessians(mlp_group, device, hooks=False, fast=run.fast)
     for h in residual:
         hess.acc.add(post_norm(h))
     _quantize_group(hess, run)
-    hess = _GroupHessians(down_group, device, hooks=False, fast=run.fast)
+    hess = GroupHessians(down_group, device, hooks=False, fast=run.fast)
     # (B, T, intermediate) per batch is the largest activation: kept when small, else recomputed for the outputs
     tokens = sum(h[..., 0].numel() for h in residual)
     keep = tokens * down_group[0].in_features * residual[0].element_size() <= KEEP_BYTES
@@ -485,9 +473,15 @@ def _quantize_lm_head(model, adapter, batches, run: _Run) -> None:
     head = WeightTarget(adapter.lm_head_path, model.get_submodule(adapter.lm_head_path), "weight", "linear", -1)
     if not selected([head], run.config.exclude):
         return
-    norm = model.get_submodule(adapter.final_norm_path).to(batches[0][0].device)
-    hess = _GroupHessians([head], batches[0][0].device, hooks=False, fast=run.fast)
-    for hidden, _ in batches:
+    device = batches[0][0].device
+    norm = model.get_submodule(adapter.final_norm_path).to(device)
+    hess = GroupHessians([head], device, hooks=False, fast=run.fast)
+    cross = CrossAccumulator(head.in_features, device) if run.twin is not None else None
+    for i, (hidden, _) in enumerate(batches):
         hess.acc.add(norm(hidden))
+        if cross is not None:  # the float model's final hidden states, through the same (unquantized) norm
+            cross.add(norm(run.twin.batches[i][0]), norm(hidden))
     norm.to("cpu")
+    if cross is not None:
+        _shift_group([head], hess.acc.H, cross, run)
     _quantize_group(hess, run)

@@ -1,7 +1,7 @@
 """`int8` pass: static W8A8 with KL (entropy) calibration, SmoothQuant, and accuracy-aware fallback.
 
 1. Calibrate, one decoder layer at a time on the accelerator: every activation site (one tensor read by one or more
-   Linear layers, see smoothquant.py) gets its per-channel max|x| and then, after SmoothQuant is folded in, a
+   Linear layers, see compress/sites.py) gets its per-channel max|x| and then, after SmoothQuant is folded in, a
    2048-bin |x| histogram over the exact range. When a layer's site inputs fit in KEEP_BYTES they are kept for
    that layer only; otherwise the layer runs twice, the second time into histograms whose range the first run's
    channel maxima give (the same histograms, one more layer pass instead of the memory). Only statistics outlive
@@ -32,10 +32,10 @@ import torch
 from dscompress.calibrate.metrics import kl_full
 from dscompress.calibrate.observers import AbsHistogram
 from dscompress.compress.int8.config import Int8Config
-from dscompress.compress.int8.smoothquant import Site, fold, layer_sites, smoothing_scales
 from dscompress.compress.layerwise import capture_layer_inputs, run_layer
 from dscompress.compress.rotation import OnlineRotation, check_rotate, rotate_model
 from dscompress.compress.selection import selected
+from dscompress.compress.sites import Site, fold, layer_sites, smoothing_scales
 from dscompress.context import PassOutput, StageContext
 from dscompress.errors import RecipeError
 from dscompress.gates import within_margin

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from dscompress import run as run_recipe
 from dscompress.calibrate.observers import AbsHistogram, kl_divergences, kl_threshold
 from dscompress.compress.int8.config import Int8Config
-from dscompress.compress.int8.smoothquant import fold, layer_sites, smoothing_scales
+from dscompress.compress.sites import fold, layer_sites, smoothing_scales
 from dscompress.errors import EXIT_BAD_INPUT
 from dscompress.gates import Gate
 from dscompress.gates import within_margin as passes

@@ -1,4 +1,5 @@
-"""Activation sites (Linear layers that read the same tensor) and SmoothQuant migration folded into the graph.
+"""Activation sites (Linear layers that read the same tensor) and per-channel scales folded into the graph: SmoothQuant
+(the int8 pass) and AWQ (the gptq pass, compress/gptq/awq.py) both divide a site's tensor by s and multiply its readers.
 
 A site is one activation tensor with one static int8 scale, read by one or more Linear layers (q/k/v read the
 same normed hidden state). SmoothQuant (arXiv 2211.10438) divides channel j of that tensor by

@@ -56,7 +56,7 @@ class GPTQConfig(WithExclude):
         description="GPTAQ (asymmetric calibration): fit each weight so the quantized block, on the inputs the "
         "quantized model gives it, reproduces the float block on the float model's inputs, correcting the error "
         "of the blocks before it; the value scales that correction (0: plain GPTQ, 1: the full least-squares "
-        "target). Dense weights only, one process, true_sequential",
+        "target). MoE expert stacks get plain GPTQ (counted in the report); one process, true_sequential",
     )
     rotate: bool = rotate_field()
     activations: Activations = activations_field()
